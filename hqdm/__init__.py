@@ -1,0 +1,20 @@
+"""hqdm: quantization-aware training of low-bit diffusion models with Hadamard rotations (HQ-DM, HadaNorm)."""
+
+from hqdm.calibrate import calibrate
+from hqdm.config import LayerQuantConfig, QuantConfig, QuantizerSpec, Rule
+from hqdm.context import timestep_context
+from hqdm.layers import set_quantizers_enabled
+from hqdm.prepare import prepare
+from hqdm.report import quant_report
+
+__all__ = [
+    "LayerQuantConfig",
+    "QuantConfig",
+    "QuantizerSpec",
+    "Rule",
+    "calibrate",
+    "prepare",
+    "quant_report",
+    "set_quantizers_enabled",
+    "timestep_context",
+]

@@ -1,0 +1,295 @@
+"""QuantLinear and QuantConv2d: a Linear / Conv2d whose input goes through centering, Hadamard and fake quantization.
+
+    x ──(− μ)──(/ σ)──(· H)──Q_a──(· Hᵀ if single)──┐
+                                                   ├─ x̂ · Q_w(W')ᵀ + b ──(+ μ · W_cᵀ)──▶ y
+    W' = W            (rotation none / single)     │
+    W' = W·diag(σ)·H  (double; folded in float64) ─┘
+
+μ: per-sample mean over tokens / pixels (center='dynamic'; static μ for 2-D inputs) or a calibrated vector
+(center='static'). W_c: a separate copy of the weight in its own basis at `correction_bits`, so the low-bit weight
+error is never multiplied by |μ|/σ. Conv2d pads the uncentered input first and then convolves without padding,
+which keeps centering exact at zero-padded borders; the rotation acts on input channels tap by tap.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hqdm.config import LayerQuantConfig, QuantizerSpec
+from hqdm.fake_quantizer import FakeQuantizer
+from hqdm.hadamard import HadamardSpec, rotate
+
+
+class QuantLayer(nn.Module):
+    """State and input transform shared by QuantLinear and QuantConv2d."""
+
+    channel_dim: int = -1
+
+    def _setup_quant(self, config: LayerQuantConfig, num_train_timesteps: int) -> None:
+        self.config, self.num_train_timesteps = config, num_train_timesteps
+        width = self.in_width
+        self.hadamard = None if config.rotation == "none" else HadamardSpec(width, config.block, config.seed)
+        self.w_quant = None if config.w is None else FakeQuantizer(config.w, "weight", tuple(self.weight.shape))
+        self.a_quant = None
+        if config.a is not None:
+            self.a_quant = FakeQuantizer(config.a, "act", (width,), self.channel_dim, num_train_timesteps)
+        self.c_quant = None
+        if config.center != "none" and config.correction_bits != "float":
+            spec = QuantizerSpec(bits=config.correction_bits, granularity="channel", dynamic=True)
+            self.c_quant = FakeQuantizer(spec, "weight", tuple(self.weight.shape))
+        self.register_buffer("mu", torch.zeros(width))
+        self.register_buffer("sigma", torch.ones(width))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def in_width(self) -> int:
+        return self.weight.shape[1]
+
+    def get_extra_state(self) -> dict:
+        """The layer's spec travels with its state_dict, so a checkpoint names what it was trained as."""
+        return {"config": json.dumps(layer_config_to_dict(self.config)), "hadamard": self.hadamard_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = json.loads(state["config"])
+        if saved != layer_config_to_dict(self.config):
+            raise ValueError(
+                f"Checkpoint layer config {saved} differs from this model's {layer_config_to_dict(self.config)}; "
+                "prepare the model with the QuantConfig the checkpoint was trained with."
+            )
+
+    def hadamard_dict(self) -> dict | None:
+        return None if self.hadamard is None else self.hadamard.to_dict()
+
+    def quantizers(self) -> list[FakeQuantizer]:
+        return [q for q in (self.w_quant, self.a_quant, self.c_quant) if q is not None]
+
+    # ---- the transformed input ------------------------------------------------------------------------------
+    def mean(self, x: Tensor) -> Tensor | None:
+        """μ broadcastable against x: per sample over tokens/pixels (dynamic) or the calibrated vector."""
+        if self.config.center == "none":
+            return None
+        spatial = [d for d in range(1, x.dim()) if d != x.dim() + self.channel_dim and d != self.channel_dim]
+        if self.config.center == "dynamic" and spatial:
+            return x.mean(dim=spatial, keepdim=True)  # (B, 1, C) or (B, C, 1, 1)
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return self.mu.to(x.dtype).reshape(shape)
+
+    def rotate_in(self, h: Tensor) -> Tensor:
+        """Center / normalize / rotate: the tensor the activation quantizer sees."""
+        return h if self.hadamard is None else rotate(h, self.hadamard, dim=self.channel_dim)
+
+    def pre_quant(self, x: Tensor, mu: Tensor | None) -> Tensor:
+        """((x − μ)/σ)·H: the tensor the activation quantizer sees."""
+        h = x if mu is None else x - mu
+        if self.config.normalize:
+            shape = [1] * x.dim()
+            shape[self.channel_dim] = -1
+            h = h / self.sigma.to(x.dtype).reshape(shape)
+        return self.rotate_in(h)
+
+    def act_input(self, x: Tensor) -> Tensor:
+        """What the activation quantizer sees for layer input `x` (used by calibration)."""
+        return self.pre_quant(x, self.mean(x))
+
+    def transform_input(self, x: Tensor, mu: Tensor | None) -> Tensor:
+        """x̂ before the matmul: Q_a(((x − μ)/σ)·H), rotated back for rotation='single'."""
+        h = self.pre_quant(x, mu)
+        if self.a_quant is not None:
+            h = self.a_quant(h)
+        if self.config.rotation == "single":
+            h = rotate(h, self.hadamard, dim=self.channel_dim, inverse=True)
+        return h
+
+    def quant_weight(self) -> Tensor:
+        return self.weight if self.w_quant is None else self.w_quant(self.weight)
+
+    def original_weight(self) -> Tensor:
+        """The weight in its own basis: undoes the folded rotation and σ of rotation='double'."""
+        w = self.weight
+        if self.config.rotation == "double":
+            w = rotate(w, self.hadamard, dim=1, inverse=True)
+            if self.config.normalize:
+                shape = [1] * w.dim()
+                shape[1] = -1
+                w = w / self.sigma.to(w.dtype).reshape(shape)
+        return w
+
+    def correction_weight(self) -> Tensor:
+        """W_c: the weight in its own basis at correction_bits, per output channel."""
+        w = self.original_weight()
+        return w if self.c_quant is None else self.c_quant(w)
+
+    # ---- offline folding (float64) --------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_rotation(self) -> None:
+        """rotation='double': W ← W·H along input channels, in float64, cast back once."""
+        w = self.weight.data.to(torch.float64)
+        self.weight.data.copy_(rotate(w, self.hadamard, dim=1).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def fold_sigma(self, sigma: Tensor) -> None:
+        """HadaNorm: set σ and refold W·diag(σ)·H from the current weight, in float64."""
+        w = self.weight.data.to(torch.float64)
+        shape = [1] * w.dim()
+        shape[1] = -1
+        old, new = self.sigma.to(torch.float64).reshape(shape), sigma.to(torch.float64).reshape(shape)
+        w = rotate(rotate(w, self.hadamard, dim=1, inverse=True) / old * new, self.hadamard, dim=1)
+        self.weight.data.copy_(w.to(self.weight.dtype))
+        self.sigma.copy_(sigma)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    """nn.Linear with HQ-DM / HadaNorm input transform and fake quantization; see the module sketch."""
+
+    channel_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: LayerQuantConfig,
+                 num_train_timesteps: int = 1000, device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_quant(config, num_train_timesteps)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, config: LayerQuantConfig, num_train_timesteps: int = 1000) -> QuantLinear:
+        """Swap in: copies weight and bias, folds a 'double' rotation, initializes weight step sizes."""
+        q = cls(mod.in_features, mod.out_features, mod.bias is not None, config, num_train_timesteps,
+                device=mod.weight.device, dtype=mod.weight.dtype)
+        return _load_float(q, mod)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu = self.mean(x)
+        y = F.linear(self.transform_input(x, mu), self.quant_weight(), self.bias)
+        if mu is not None:
+            y = y + F.linear(mu, self.correction_weight())
+        return y
+
+    def to_float(self) -> nn.Linear:
+        """A plain nn.Linear with the weight in its own basis (quantization dropped)."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight.data.copy_(self.original_weight().detach())
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach())
+        return lin
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    """nn.Conv2d with HQ-DM / HadaNorm input transform over input channels and fake quantization."""
+
+    channel_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+                 bias: bool, padding_mode: str, config: LayerQuantConfig, num_train_timesteps: int = 1000,
+                 device=None, dtype=None) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device=device, dtype=dtype)
+        if groups != 1 and (config.rotation != "none" or config.center != "none"):
+            raise ValueError(
+                f"Grouped convolution (groups={groups}) cannot take a Hadamard rotation or centering over input "
+                "channels: both mix channels across groups. Add a rule with rotation='none', center='none' for it."
+            )
+        self._setup_quant(config, num_train_timesteps)
+
+    @property
+    def in_width(self) -> int:
+        return self.in_channels
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, config: LayerQuantConfig, num_train_timesteps: int = 1000) -> QuantConv2d:
+        """Swap in: copies weight and bias, folds a 'double' rotation, initializes weight step sizes."""
+        q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                mod.groups, mod.bias is not None, mod.padding_mode, config, num_train_timesteps,
+                device=mod.weight.device, dtype=mod.weight.dtype)
+        return _load_float(q, mod)
+
+    def pad_amounts(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero padding this convolution applies."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            (th, tw) = total
+            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def pad(self, x: Tensor) -> Tensor:
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self.pad_amounts(), mode=mode)
+
+    def conv(self, x: Tensor, w: Tensor, bias: Tensor | None, padded: bool) -> Tensor:
+        if padded:
+            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        if self.padding_mode != "zeros":
+            return F.conv2d(self.pad(x), w, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def act_input(self, x: Tensor) -> Tensor:
+        mu = self.mean(x)
+        return self.pre_quant(x if mu is None else self.pad(x), mu)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu = self.mean(x)
+        if mu is None:
+            return self.conv(self.transform_input(x, None), self.quant_weight(), self.bias, padded=False)
+        y = self.conv(self.transform_input(self.pad(x), mu), self.quant_weight(), self.bias, padded=True)
+        correction = F.linear(mu.flatten(1),
+                              self.correction_weight().sum(dim=(2, 3)))  # (B, N): μ·W_c summed over taps
+        return y + correction[:, :, None, None]
+
+    def to_float(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with the weight in its own basis (quantization dropped)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.data.copy_(self.original_weight().detach())
+        if self.bias is not None:
+            conv.bias.data.copy_(self.bias.detach())
+        return conv
+
+
+def _load_float(q: QuantLayer, mod: nn.Module) -> QuantLayer:
+    with torch.no_grad():
+        q.weight.copy_(mod.weight)
+        if mod.bias is not None:
+            q.bias.copy_(mod.bias)
+    q.train(mod.training)
+    if q.config.rotation == "double":
+        q.fold_rotation()
+    if q.w_quant is not None:
+        q.w_quant.init_from_weight(q.weight)
+    return q
+
+
+def layer_config_to_dict(cfg: LayerQuantConfig) -> dict:
+    """JSON-able form of a LayerQuantConfig (used in checkpoints and the export manifest)."""
+    return {
+        "w": None if cfg.w is None else cfg.w.to_dict(),
+        "a": None if cfg.a is None else cfg.a.to_dict(),
+        "rotation": cfg.rotation,
+        "block": cfg.block,
+        "seed": cfg.seed,
+        "center": cfg.center,
+        "normalize": cfg.normalize,
+        "correction_bits": cfg.correction_bits,
+    }
+
+
+def layer_config_from_dict(d: dict) -> LayerQuantConfig:
+    """Inverse of `layer_config_to_dict`."""
+    return LayerQuantConfig(
+        w=None if d["w"] is None else QuantizerSpec(**d["w"]),
+        a=None if d["a"] is None else QuantizerSpec(**d["a"]),
+        **{k: d[k] for k in ("rotation", "block", "seed", "center", "normalize", "correction_bits")},
+    )
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every FakeQuantizer in `model` on or off (all off + rotation none is bit-exact with the original)."""
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer):
+            m.enabled = enabled

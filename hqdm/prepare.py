@@ -1,0 +1,182 @@
+"""prepare(): walk a model, resolve each layer's quantization from glob rules, and swap in quantized layers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from hqdm.adapters import Adapter, get_adapter
+from hqdm.config import LayerQuantConfig, QuantConfig, apply_rule
+from hqdm.fake_quantizer import FakeQuantizer
+from hqdm.layers import QuantConv2d, QuantLayer, QuantLinear
+
+_SWAPPABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+_MHA_PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class LayerEntry:
+    """One swappable layer and what prepare did with it."""
+
+    name: str
+    kind: str
+    block_type: str
+    config: LayerQuantConfig | None
+
+    def describe(self) -> str:
+        c = self.config
+        if c is None:
+            return "float (rule)"
+        w = "wF" if c.w is None else f"w{c.w.bits}"
+        a = "aF" if c.a is None else f"a{c.a.bits}{'d' if c.a.dynamic else ''}"
+        knobs = [c.rotation if c.rotation == "none" else f"{c.rotation}/{c.block}"]
+        if c.center != "none":
+            knobs.append(f"center={c.center}")
+        if c.normalize:
+            knobs.append("σ")
+        return f"{w}{a} " + ",".join(knobs)
+
+
+@dataclass
+class PrepareReport:
+    """What prepare swapped, how, and everything left in floating point."""
+
+    family: str
+    layers: list[LayerEntry] = field(default_factory=list)
+    float_modules: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerEntry]:
+        return [e for e in self.layers if e.config is not None]
+
+    def table(self) -> str:
+        rows = [(e.name, e.kind, e.block_type, e.describe()) for e in self.layers]
+        rows += [(name, kind, "-", "float (not a matmul layer)") for name, kind in self.float_modules]
+        widths = [max(len(r[i]) for r in rows + [("layer", "kind", "block", "quantization")]) for i in range(4)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format("layer", "kind", "block", "quantization"), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows]
+        summary = (f"{self.family}: {len(self.quantized)} layers quantized, "
+                   f"{len(self.layers) - len(self.quantized)} matmul layers kept float by rule, "
+                   f"{len(self.float_modules)} other parameterized modules in float")
+        return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def resolve_layer(name: str, config: QuantConfig, adapter: Adapter) -> LayerQuantConfig | None:
+    """Layer config for module `name`: defaults, then the family's rules, then the user's, later rules winning."""
+    cfg: LayerQuantConfig | None = config.layer(config.w_bits, config.a_bits)
+    for rule in [*adapter.rules(config), *config.rules]:
+        if rule.matches(name):
+            cfg = apply_rule(cfg, rule, config)
+    return cfg
+
+
+def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> tuple[nn.Module, PrepareReport]:
+    """Swap every Linear / Conv2d / MultiheadAttention of `model` for its quantized form.
+
+    Args:
+        model: a diffusers model (DiT, UNet2DModel, UNet2DConditionModel) or any nn.Module.
+        config: bit widths, method knobs and per-layer rules over module names.
+        inplace: modify `model` itself; by default a deep copy is prepared and `model` stays the FP teacher.
+
+    Returns:
+        (student, report): the quantized model and a readable report of what was swapped and how.
+
+    Raises:
+        ValueError: a user rule that matches no layer, or a layer whose width the Hadamard block cannot cover.
+    """
+    student = model if inplace else copy.deepcopy(model)
+    adapter = get_adapter(student, config.family)
+    names = [n for n, m in student.named_modules() if isinstance(m, _SWAPPABLE) and not _inside_mha(student, n)]
+    _check_rules(config, names)
+    report = PrepareReport(family=adapter.name, notes=adapter.setup_student(student))
+    for name in names:
+        module = student.get_submodule(name)
+        entry, new = _swap(name, module, config, adapter)
+        report.layers.append(entry)
+        if new is not None:
+            _set_submodule(student, name, new)
+    report.float_modules = _float_leftovers(student)
+    return student, report
+
+
+def _swap(name: str, module: nn.Module, config: QuantConfig, adapter: Adapter):
+    block = adapter.block_type(name, module)
+    if isinstance(module, nn.MultiheadAttention):
+        from hqdm.mha import QuantMultiheadAttention
+
+        cfgs = {p: resolve_layer(f"{name}.{p}", config, adapter) for p in _MHA_PROJ}
+        entry = LayerEntry(name, "MultiheadAttention", "attention", cfgs["q_proj"])
+        if all(c is None for c in cfgs.values()):
+            return entry, None
+        return entry, _build(name, lambda: QuantMultiheadAttention.from_float(module, cfgs, config.num_train_timesteps))
+    cfg = resolve_layer(name, config, adapter)
+    entry = LayerEntry(name, type(module).__name__, block, cfg)
+    if cfg is None or not cfg.quantized and cfg.rotation == "none" and cfg.center == "none":
+        return LayerEntry(name, type(module).__name__, block, None), None
+    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    return entry, _build(name, lambda: cls.from_float(module, cfg, config.num_train_timesteps))
+
+
+def _build(name: str, make):
+    try:
+        return make()
+    except ValueError as err:
+        raise ValueError(
+            f"Layer {name!r}: {err} To change this layer only, add a rule, e.g. "
+            f"Rule(pattern={name!r}, block=...) or Rule(pattern={name!r}, rotation='none') or skip=True."
+        ) from err
+
+
+def _check_rules(config: QuantConfig, names: list[str]) -> None:
+    candidates = names + [f"{n}.{p}" for n in names for p in _MHA_PROJ]
+    for rule in config.rules:
+        if not any(rule.matches(n) for n in candidates):
+            shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"Rule pattern {rule.pattern!r} matches no Linear / Conv2d / MultiheadAttention in the model. "
+                f"Module names look like: {shown}. Fix the glob (fnmatch syntax: '*' matches dots too)."
+            )
+
+
+def _inside_mha(model: nn.Module, name: str) -> bool:
+    """out_proj of a MultiheadAttention is handled with its parent, not on its own."""
+    parent = name.rpartition(".")[0]
+    return bool(name) and isinstance(model.get_submodule(parent) if parent else model, nn.MultiheadAttention)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _float_leftovers(model: nn.Module) -> list[tuple[str, str]]:
+    """Modules with parameters of their own that no quantized layer covers (norms, embeddings, other convs)."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QuantLayer, FakeQuantizer)) or _under_quant(model, name):
+            continue
+        if isinstance(mod, _SWAPPABLE):
+            continue
+        if any(True for _ in mod.parameters(recurse=False)):
+            out.append((name, type(mod).__name__))
+    return out
+
+
+def _under_quant(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), QuantLayer):
+            return True
+    return False
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every quantized layer of a prepared model, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
