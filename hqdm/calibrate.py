@@ -210,7 +210,7 @@ def calibrate(
             _mse_pass(model, batches, adapter, static, ranges, progress)
         for layer in layers:
             if layer.w_quant is not None:
-                layer.w_quant.init_from_weight(layer.weight)
+                layer.w_quant.init_from_weight(layer.effective_weight())
             layer.calibrated.fill_(True)
     finally:
         for q, on in enabled.items():

@@ -105,12 +105,44 @@ class QuantLayer(nn.Module):
             h = rotate(h, self.hadamard, dim=self.channel_dim, inverse=True)
         return h
 
+    # ---- weights ---------------------------------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float | None = None) -> None:
+        """Train a low-rank update instead of the weight: W_eff = W + (alpha/rank)·B·A, merged before fake quant.
+
+        B starts at zero (W_eff = W at first); the base weight is frozen. The update lives in the weight's stored
+        basis (rotated for rotation='double'), so merging it is exact.
+        """
+        if rank < 1:
+            raise ValueError(f"LoRA rank={rank} must be a positive integer.")
+        k = self.weight[0].numel()
+        self.lora_A = nn.Parameter(torch.randn(rank, k, device=self.weight.device, dtype=self.weight.dtype) / k**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], rank, device=self.weight.device,
+                                               dtype=self.weight.dtype))
+        self.lora_scale = (alpha if alpha is not None else rank) / rank
+        self.weight.requires_grad_(False)
+
+    def effective_weight(self) -> Tensor:
+        """The weight with any LoRA update merged in (what is fake-quantized and exported)."""
+        if getattr(self, "lora_A", None) is None:
+            return self.weight
+        return self.weight + (self.lora_scale * (self.lora_B @ self.lora_A)).reshape(self.weight.shape)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the LoRA update into the weight and drop it."""
+        if getattr(self, "lora_A", None) is None:
+            return
+        self.weight.copy_(self.effective_weight())
+        del self.lora_A, self.lora_B
+        self.weight.requires_grad_(True)
+
     def quant_weight(self) -> Tensor:
-        return self.weight if self.w_quant is None else self.w_quant(self.weight)
+        w = self.effective_weight()
+        return w if self.w_quant is None else self.w_quant(w)
 
     def original_weight(self) -> Tensor:
         """The weight in its own basis: undoes the folded rotation and σ of rotation='double'."""
-        w = self.weight
+        w = self.effective_weight()
         if self.config.rotation == "double":
             w = rotate(w, self.hadamard, dim=1, inverse=True)
             if self.config.normalize:
@@ -134,6 +166,7 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def fold_sigma(self, sigma: Tensor) -> None:
         """HadaNorm: set σ and refold W·diag(σ)·H from the current weight, in float64."""
+        self.merge_lora()
         w = self.weight.data.to(torch.float64)
         shape = [1] * w.dim()
         shape[1] = -1
