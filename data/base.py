@@ -1,0 +1,116 @@
+"""Shared pieces of the datamodules: argument checks, a seeded split, row datasets and the four loaders.
+
+Every datamodule yields dict batches. Image-like ones yield ``{"x": (B, C, H, W) float32, "y": (B,) int64}``;
+the trajectory one yields ``{"x_t", "t", "y", "target"}``. ``test`` and ``predict`` reuse the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+def check_positive(name: str, value: int) -> None:
+    """Raise a ValueError unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be an integer >= 1.")
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Raise a ValueError unless 0 <= ``value`` < 1."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a number in [0, 1), e.g. 0.1 (0 = no val set).")
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into sorted (train, val) index lists.
+
+    The val set holds ``round(n * val_fraction)`` rows, at least one when ``val_fraction > 0``.
+    The same ``(n, val_fraction, seed)`` always gives the same split, on every rank and every run.
+    """
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves no training rows out of {n}; use a smaller val_fraction or more data."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class TensorRows(Dataset):
+    """Rows of equally long in-memory tensors: item ``i`` is ``{key: tensor[i]}``."""
+
+    def __init__(self, **tensors: Tensor) -> None:
+        lengths = {len(t) for t in tensors.values()}
+        assert len(lengths) == 1, "TensorRows needs tensors of equal length"
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {key: t[i] for key, t in self.tensors.items()}
+
+
+class ArrowRows(Dataset):
+    """Selected rows of a ``datasets.Dataset`` as torch tensors, columns renamed by ``keys`` ({column: batch key})."""
+
+    def __init__(self, table, indices: Sequence[int], keys: Mapping[str, str]) -> None:
+        self.table = table.select_columns(list(keys)).select(indices).with_format("torch")
+        self.keys = dict(keys)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        row = self.table[i]
+        return {key: row[column] for column, key in self.keys.items()}
+
+
+class SplitDataModule(LightningDataModule):
+    """Base datamodule: subclasses fill ``train_set`` / ``val_set`` in ``setup``; this class serves the loaders.
+
+    The train loader shuffles with a generator seeded by ``seed`` (Lightning swaps in a ``DistributedSampler``
+    under DDP); the val, test and predict loaders all read the validation split in order.
+    """
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        check_positive("batch_size", batch_size)
+        check_fraction("val_fraction", val_fraction)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} is not allowed; it must be an integer >= 0.")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up; call prepare_data() and setup() first.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
