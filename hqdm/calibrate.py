@@ -145,28 +145,35 @@ def _range_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, t
 
 def _fill_unseen(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Buckets no calibration sample fell into take the range of the nearest seen bucket."""
-    seen = torch.isfinite(lo.reshape(lo.shape[0], -1)).all(1)
+    nearest = _nearest_seen(torch.isfinite(lo.reshape(lo.shape[0], -1)).all(1))
+    return lo[nearest], hi[nearest]
+
+
+def _nearest_seen(seen: Tensor) -> Tensor:
+    """(buckets,) index of the nearest seen bucket (the lower one on ties) for every bucket."""
     if not seen.any():
         raise RuntimeError("No calibration sample reached this layer's activation quantizer.")
     pos = torch.nonzero(seen).squeeze(1)
-    nearest = pos[(torch.arange(lo.shape[0])[:, None] - pos[None]).abs().argmin(1)]
-    return lo[nearest], hi[nearest]
+    return pos[(torch.arange(seen.shape[0])[:, None] - pos[None]).abs().argmin(1)]
 
 
 def _mse_pass(model, batches, adapter, layers, ranges, progress) -> None:
     errors = {layer: torch.zeros(layer.a_quant.scale.shape[0], len(MSE_GRID), *layer.a_quant.scale.shape[1:],
                                  dtype=torch.float64) for layer in layers}
+    seen = {layer: torch.zeros(layer.a_quant.scale.shape[0], dtype=torch.bool) for layer in layers}
 
     def hook(layer: QuantLayer, x: Tensor) -> None:
         h = layer.act_input(x)
         idx = _buckets_of(layer, h.shape[0], h.device)
         lo, hi = (r.to(h.device)[idx] for r in ranges[layer])
         errors[layer].index_add_(0, idx.cpu(), layer.a_quant.candidate_errors(h, lo, hi).double().cpu())
+        seen[layer][idx.cpu()] = True
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: MSE search", progress)
     for layer in layers:
         q, (lo, hi) = layer.a_quant, ranges[layer]
-        alpha = torch.tensor(MSE_GRID)[errors[layer].argmin(1)]  # (buckets, *entry)
+        err = errors[layer][_nearest_seen(seen[layer])]  # unseen buckets: the nearest seen bucket's choice
+        alpha = torch.tensor(MSE_GRID)[err.argmin(1)]  # (buckets, *entry)
         scale, zero_point = range_to_qparams(lo * alpha, hi * alpha, q.spec.qmin, q.spec.qmax, q.spec.symmetric)
         q.set_table(scale, zero_point)
 

@@ -44,6 +44,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("mu", torch.zeros(width))
         self.register_buffer("sigma", torch.ones(width))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.to(device=self.weight.device, dtype=self.weight.dtype)  # quantizer state lives beside the weight
 
     @property
     def in_width(self) -> int:
@@ -167,6 +168,7 @@ class QuantLayer(nn.Module):
     def fold_sigma(self, sigma: Tensor) -> None:
         """HadaNorm: set σ and refold W·diag(σ)·H from the current weight, in float64."""
         self.merge_lora()
+        sigma = sigma.to(self.sigma)  # fold the σ that is stored, so the forward divides by the same value
         w = self.weight.data.to(torch.float64)
         shape = [1] * w.dim()
         shape[1] = -1

@@ -98,8 +98,8 @@ def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> tup
     report = PrepareReport(family=adapter.name, notes=adapter.setup_student(student))
     for name in names:
         module = student.get_submodule(name)
-        entry, new = _swap(name, module, config, adapter)
-        report.layers.append(entry)
+        entries, new = _swap(name, module, config, adapter)
+        report.layers.extend(entries)
         if new is not None:
             _set_submodule(student, name, new)
     report.float_modules = _float_leftovers(student)
@@ -111,17 +111,19 @@ def _swap(name: str, module: nn.Module, config: QuantConfig, adapter: Adapter):
     if isinstance(module, nn.MultiheadAttention):
         from hqdm.mha import QuantMultiheadAttention
 
+        # one entry per projection, so a projection a rule keeps in float is listed as such
         cfgs = {p: resolve_layer(f"{name}.{p}", config, adapter) for p in _MHA_PROJ}
-        entry = LayerEntry(name, "MultiheadAttention", "attention", cfgs["q_proj"])
+        entries = [LayerEntry(f"{name}.{p}", "MultiheadAttention", "attention", c) for p, c in cfgs.items()]
         if all(c is None for c in cfgs.values()):
-            return entry, None
-        return entry, _build(name, lambda: QuantMultiheadAttention.from_float(module, cfgs, config.num_train_timesteps))
+            return entries, None
+        return entries, _build(name, lambda: QuantMultiheadAttention.from_float(module, cfgs,
+                                                                                config.num_train_timesteps))
     cfg = resolve_layer(name, config, adapter)
     entry = LayerEntry(name, type(module).__name__, block, cfg)
     if cfg is None or not cfg.quantized and cfg.rotation == "none" and cfg.center == "none":
-        return LayerEntry(name, type(module).__name__, block, None), None
+        return [LayerEntry(name, type(module).__name__, block, None)], None
     cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
-    return entry, _build(name, lambda: cls.from_float(module, cfg, config.num_train_timesteps))
+    return [entry], _build(name, lambda: cls.from_float(module, cfg, config.num_train_timesteps))
 
 
 def _build(name: str, make):
@@ -129,8 +131,9 @@ def _build(name: str, make):
         return make()
     except ValueError as err:
         raise ValueError(
-            f"Layer {name!r}: {err} To change this layer only, add a rule, e.g. "
-            f"Rule(pattern={name!r}, block=...) or Rule(pattern={name!r}, rotation='none') or skip=True."
+            f"Layer {name!r}: {err} To change this layer only, add a rule that changes the offending field, e.g. "
+            f"Rule(pattern={name!r}, block=...), Rule(pattern={name!r}, rotation='none'), "
+            f"Rule(pattern={name!r}, w_granularity='channel') or Rule(pattern={name!r}, skip=True)."
         ) from err
 
 

@@ -24,7 +24,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int
     """x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s with straight-through rounding.
 
     Gradients: ∂x̂/∂x = 1 inside the clip range and 0 outside; ∂x̂/∂s = round(x/s) − x/s inside and
-    qmin − z or qmax − z outside (LSQ); the zero point learns through straight-through rounding.
+    qmin − z or qmax − z outside (LSQ); ∂x̂/∂z = 0 inside and −s outside. "Inside" means round(x/s) + z ∈
+    [qmin, qmax] (x/s within half a step of the grid's ends): clamping after the rounding keeps the element that
+    sets a dynamic range inside even when float error puts x/s a hair beyond qmax.
     """
     z = 0.0 if zero_point is None else round_ste(zero_point)
     q = torch.clamp(round_ste(x / scale) + z, qmin, qmax)

@@ -136,10 +136,16 @@ def quant_report(
     quantized.eval(), reference.eval()
     outs: dict[str, dict[str, Tensor]] = {"q": {}, "r": {}}
     handles = []
+
+    def keep(key: str, n: str):
+        def hook(module, args, out) -> None:
+            outs[key][n] = _first(out).detach().double()
+
+        return hook
+
     for key, model in (("q", quantized), ("r", reference)):
         for n in names:
-            hook = (lambda m, a, o, key=key, n=n: outs[key].__setitem__(n, _first(o).detach().double()))
-            handles.append(model.get_submodule(n).register_forward_hook(hook))
+            handles.append(model.get_submodule(n).register_forward_hook(keep(key, n)))
     try:
         for batch in batches:
             out_q = forward_batch(quantized, batch, adapter).double()
