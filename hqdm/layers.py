@@ -14,6 +14,7 @@ which keeps centering exact at zero-padded borders; the rotation acts on input c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +322,20 @@ def layer_config_from_dict(d: dict) -> LayerQuantConfig:
         a=None if d["a"] is None else QuantizerSpec(**d["a"]),
         **{k: d[k] for k in ("rotation", "block", "seed", "center", "normalize", "correction_bits")},
     )
+
+
+def resample_timesteps(model: nn.Module, buckets: int) -> None:
+    """Resize every per-timestep activation table of `model` to `buckets` entries (layer configs follow).
+
+    Use it when the sampling schedule changes (e.g. tables trained with 100 buckets, deployed with 20 steps);
+    the tables become new Parameters, so build the optimizer afterwards.
+    """
+    for layer in model.modules():
+        q = getattr(layer, "a_quant", None) if isinstance(layer, QuantLayer) else None
+        if q is None or q.spec.dynamic:
+            continue
+        q.resample_timesteps(buckets)
+        layer.config = replace(layer.config, a=q.spec)
 
 
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:

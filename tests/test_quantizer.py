@@ -344,3 +344,19 @@ def test_normalize_needs_double_rotation_and_centering():
         LayerQuantConfig(rotation="triple")
     with pytest.raises(ValueError, match="center='mean'"):
         QuantConfig(center="mean")
+
+
+def test_model_resample_updates_layer_config_and_checkpoint():
+    """Resampling through the model keeps each layer's recorded config in step with its table."""
+    from hqdm.config import LayerQuantConfig, QuantizerSpec
+    from hqdm.layers import QuantLinear, resample_timesteps
+
+    cfg = LayerQuantConfig(a=QuantizerSpec(bits=8, timestep_buckets=100), rotation="none")
+    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), cfg)
+    layer.a_quant.set_table(torch.arange(1.0, 101.0))
+    resample_timesteps(layer, 20)
+    assert layer.config.a.timestep_buckets == 20 and layer.a_quant.scale.shape == (20,)
+    fresh = QuantLinear.from_float(torch.nn.Linear(8, 4), cfg)
+    resample_timesteps(fresh, 20)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.a_quant.scale, layer.a_quant.scale)
