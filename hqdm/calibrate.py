@@ -86,6 +86,11 @@ def _channels_last(x: Tensor, channel_dim: int) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, C)
 
 
+def _reduce_into(dst: Tensor, idx: Tensor, src: Tensor, how: str) -> None:
+    """dst[idx[i]] = how(dst[idx[i]], src[i]) over the batch axis (amin / amax per timestep bucket)."""
+    dst.scatter_reduce_(0, idx.reshape(-1, *[1] * (src.dim() - 1)).expand_as(src), src, how)
+
+
 def _run(model, batches, adapter, hooks: dict[QuantLayer, callable], desc: str, progress: bool) -> None:
     handles = [layer.register_forward_pre_hook(lambda m, args, fn=fn: fn(m, args[0])) for layer, fn in hooks.items()]
     try:
@@ -109,7 +114,7 @@ def _stats_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, L
         s.count.index_add_(0, idx, torch.full((v.shape[0],), float(v.shape[1]), dtype=torch.float64))
         s.sum.index_add_(0, idx, v.sum(1).cpu())
         s.sum_sq.index_add_(0, idx, v.pow(2).sum(1).cpu())
-        s.absmax.index_reduce_(0, idx, v.abs().amax(1).cpu(), "amax")
+        _reduce_into(s.absmax, idx, v.abs().amax(1).cpu(), "amax")
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: statistics", progress)
     return stats
@@ -136,8 +141,8 @@ def _range_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, t
         h = layer.act_input(x)
         lo, hi = layer.a_quant.observe_range(h)
         idx = _buckets_of(layer, h.shape[0], h.device).cpu()
-        ranges[layer][0].index_reduce_(0, idx, lo.cpu(), "amin")
-        ranges[layer][1].index_reduce_(0, idx, hi.cpu(), "amax")
+        _reduce_into(ranges[layer][0], idx, lo.cpu(), "amin")
+        _reduce_into(ranges[layer][1], idx, hi.cpu(), "amax")
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: ranges", progress)
     return {layer: _fill_unseen(lo, hi) for layer, (lo, hi) in ranges.items()}
