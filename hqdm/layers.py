@@ -167,16 +167,24 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def fold_sigma(self, sigma: Tensor) -> None:
-        """HadaNorm: set σ and refold W·diag(σ)·H from the current weight, in float64."""
-        self.merge_lora()
+        """HadaNorm: set σ and refold W·diag(σ)·H from the current weight, in float64.
+
+        The refold is a right-multiplication over input channels, M ↦ M·Hᵀ·diag(σ_new/σ_old)·H, so a LoRA update
+        B·A is refolded exactly by applying it to A.
+        """
         sigma = sigma.to(self.sigma)  # fold the σ that is stored, so the forward divides by the same value
-        w = self.weight.data.to(torch.float64)
-        shape = [1] * w.dim()
-        shape[1] = -1
-        old, new = self.sigma.to(torch.float64).reshape(shape), sigma.to(torch.float64).reshape(shape)
-        w = rotate(rotate(w, self.hadamard, dim=1, inverse=True) / old * new, self.hadamard, dim=1)
-        self.weight.data.copy_(w.to(self.weight.dtype))
+        ratio = sigma.to(torch.float64) / self.sigma.to(torch.float64)
+        self.weight.data.copy_(self._refold(self.weight.data, ratio))
+        if getattr(self, "lora_A", None) is not None:
+            a = self.lora_A.data.reshape(-1, *self.weight.shape[1:])  # (r, C, ...) like the weight
+            self.lora_A.data.copy_(self._refold(a, ratio).reshape(self.lora_A.shape))
         self.sigma.copy_(sigma)
+
+    def _refold(self, m: Tensor, ratio: Tensor) -> Tensor:
+        shape = [1] * m.dim()
+        shape[1] = -1
+        h = rotate(m.to(torch.float64), self.hadamard, dim=1, inverse=True) * ratio.reshape(shape)
+        return rotate(h, self.hadamard, dim=1).to(m.dtype)
 
 
 class QuantLinear(QuantLayer, nn.Linear):

@@ -302,3 +302,22 @@ def test_cuda_forward_backward_matches_cpu(kind, dtype, no_tf32):
         outs[device], grads[device] = y.detach().float().cpu(), xi.grad.float().cpu()
     for got, ref in ((outs["cuda"], outs["cpu"]), (grads["cuda"], grads["cpu"])):
         assert (got - ref).norm() <= CUDA_REL_L2[dtype] * ref.norm(), (got - ref).norm() / ref.norm()
+
+
+def test_fold_sigma_keeps_lora_update_exact():
+    """σ refolding with a LoRA update keeps the factors (still trained) and the float function, in float64."""
+    from hqdm.config import LayerQuantConfig
+    from hqdm.layers import QuantLinear, set_quantizers_enabled
+
+    torch.manual_seed(0)
+    cfg = LayerQuantConfig(rotation="double", center="dynamic", normalize=True, correction_bits="float")
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 16).double(), cfg)
+    set_quantizers_enabled(layer, False)
+    layer.add_lora(4)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 7, 64, dtype=torch.float64) * 2 + 1
+    before = layer(x)
+    a = layer.lora_A
+    layer.fold_sigma(torch.rand(64, dtype=torch.float64) + 0.5)
+    assert layer.lora_A is a  # same Parameter: an optimizer holding it keeps training it
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-12)
