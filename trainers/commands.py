@@ -1,0 +1,208 @@
+"""The plain `hqdm` subcommands: export, sample, report. Typed functions; jsonargparse turns them into CLIs.
+
+A run is named by its checkpoint (`--ckpt_path`, the module is rebuilt from the hyperparameters inside) and/or its
+YAML (`--config`: a config you wrote, or the config.yaml LightningCLI saved beside the checkpoints, which is found
+automatically). The YAML supplies the datamodule; a config without a checkpoint gives the PTQ model (calibrated
+here).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser, set_parsing_settings
+from lightning.pytorch import LightningDataModule
+
+from hqdm.trainers.module import DistillModule
+from hqdm.trainers.options import Diffusion, Sampler
+from hqdm.trainers.source import resolve_path
+
+SCHEDULER_FILE = "scheduler_config.json"
+"""Written beside every export, so `hqdm sample` draws with the schedule the model was trained on."""
+
+
+# ---- loading a run ------------------------------------------------------------------------------------------------
+def saved_config(ckpt_path: str) -> str | None:
+    """The config.yaml LightningCLI saved beside a checkpoint's run: <run>/checkpoints/x.ckpt -> <run>/config.yaml."""
+    path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    return str(path) if path.is_file() else None
+
+
+def parse_config(config: str, with_model: bool) -> tuple[DistillModule | None, LightningDataModule | None]:
+    """Instantiate the `model` (optional) and `data` sections of a run YAML; other sections are ignored."""
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"--config {config!r} does not exist.")
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    parser = ArgumentParser(exit_on_error=False)
+    keys = ["data"]
+    if with_model:
+        parser.add_class_arguments(DistillModule, "model", fail_untyped=False)
+        keys.append("model")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=False, fail_untyped=False)
+    cfg = parser.parse_object({k: raw[k] for k in keys if raw.get(k) is not None})
+    init = parser.instantiate_classes(cfg)
+    return (init.get("model") if with_model else None), init.get("data")
+
+
+def load_run(config: str | None, ckpt_path: str | None,
+             device: str = "cpu") -> tuple[DistillModule, LightningDataModule | None]:
+    """(module on `device`, datamodule or None) from a checkpoint and/or a run YAML."""
+    if config is None and ckpt_path is None:
+        raise ValueError("Name the run: --ckpt_path (a checkpoint of `hqdm fit`) and/or --config (a run YAML).")
+    if ckpt_path is not None:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist.")
+        config = config or saved_config(ckpt_path)
+    module, data = parse_config(config, with_model=ckpt_path is None) if config else (None, None)
+    if ckpt_path is not None:
+        module = DistillModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    return module.to(device).eval(), data
+
+
+def _scheduler_from(folder: Path, sampler: Sampler | None):
+    """The scheduler saved beside a model folder (or Diffusion()'s default), optionally as another sampler."""
+    from hqdm.sampling import SCHEDULERS
+
+    file = folder / SCHEDULER_FILE
+    if not file.is_file():
+        return Diffusion().sampling_scheduler(sampler)
+    saved = json.loads(file.read_text())
+    names = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+    return SCHEDULERS[sampler or names.get(saved["_class_name"], "ddim")].from_config(saved)
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None, calibration_batches: int = 4,
+           overwrite: bool = False, device: str = "cpu") -> str:
+    """Write a trained student for integer inference (`hqdm.load_int`); an FP run (quant: null) via save_pretrained.
+
+    Args:
+        out_dir: the folder to create: config.json, hqdm_quant.json, model.safetensors (+ scheduler_config.json).
+        ckpt_path: checkpoint of `hqdm fit`.
+        config: run YAML; without a checkpoint the student is PTQ-calibrated here and exported as is.
+        calibration_batches: batches the integer model is checked on against the fake-quant model (parity).
+        overwrite: replace an existing out_dir.
+        device: torch device.
+    """
+    module, datamodule = load_run(config, ckpt_path, device)
+    out = Path(out_dir)
+    if module.teacher is None:  # an FP run: a plain diffusers folder, e.g. a teacher for hqdm/assets
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out_dir.")
+        module.student.save_pretrained(out)
+    else:
+        from hqdm.export import export as export_int
+
+        data = module.ensure_data(datamodule)
+        module.ensure_calibrated(data)
+        batches = module.calibration_batches(data.val_dataloader(), calibration_batches)
+        print(export_int(module.student, out, calibration_batches=batches, family=module.quant.family,
+                         overwrite=overwrite))
+    module.diffusion.sampling_scheduler().save_config(out)
+    print(f"hqdm export: wrote {out}")
+    return str(out)
+
+
+# ---- sample -------------------------------------------------------------------------------------------------------
+def load_sampler_model(model: str, config: str | None, device: str, sampler: Sampler | None = None):
+    """(model, adapter, scheduler, diffusion or None) from an export folder, a checkpoint or a diffusers folder."""
+    from hqdm.adapters import get_adapter
+    from hqdm.runtime import MANIFEST_FILE, load_int
+    from hqdm.trainers.source import load_pretrained
+
+    if model.endswith(".ckpt"):
+        module, _ = load_run(config, model, device)
+        return module.student, module.adapter, module.diffusion.sampling_scheduler(sampler), module.diffusion
+    folder = Path(resolve_path(model))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"--model {model!r} is neither a checkpoint (.ckpt), an export folder (hqdm export) nor a diffusers "
+            "folder (save_pretrained, or hqdm:NAME for a shipped model)."
+        )
+    net = load_int(folder, device) if (folder / MANIFEST_FILE).is_file() else load_pretrained(str(folder)).to(device)
+    return net.eval(), get_adapter(net), _scheduler_from(folder, sampler), None
+
+
+def sample(model: str, out: str = "samples.png", labels: list[int] | None = None, num_samples: int = 16,
+           num_steps: int | None = None, guidance_scale: float | None = None, sampler: Sampler | None = None,
+           seed: int = 0, config: str | None = None, device: str = "cpu", progress: bool = True) -> str:
+    """Draw class-conditional samples and save them as a PNG grid.
+
+    Args:
+        model: an export folder (integer model, hqdm.load_int), a checkpoint of `hqdm fit` (.ckpt), or a diffusers
+            folder (hqdm:digits_dit for the shipped teacher).
+        out: PNG path of the grid.
+        labels: class of each sample; default: num_samples images cycling through the classes.
+        num_samples: images when labels are not given.
+        num_steps: sampling steps (default: the run's diffusion.num_steps, else 25).
+        guidance_scale: classifier-free guidance (default: the run's, else 1 = none).
+        sampler: ddim | ddpm | dpm | euler (default: the run's / the saved scheduler's).
+        seed: seed of the initial noise.
+        config: run YAML, only needed for a checkpoint whose config.yaml is not beside it.
+        device: torch device.
+        progress: show a progress bar over the steps.
+    """
+    from hqdm.sampling import save_grid
+    from hqdm.trainers.evaluation import draw, grid_labels
+    from hqdm.trainers.module import class_info
+
+    net, adapter, scheduler, diffusion = load_sampler_model(model, config, device, sampler)
+    num_classes, null_class = class_info(net, adapter)
+    ys = torch.tensor(labels, device=device) if labels else grid_labels(num_samples, num_classes, device)
+    allowed = num_classes + (null_class is not None)
+    if ys.numel() == 0 or int(ys.min()) < 0 or int(ys.max()) >= max(allowed, 1):
+        raise ValueError(f"--labels {labels} out of range: this model takes classes 0..{max(allowed, 1) - 1}"
+                         + (f" ({null_class} = unconditional)." if null_class is not None else "."))
+    defaults = diffusion or Diffusion()
+    images = draw(net, adapter, scheduler, ys, adapter.input_shape(net), num_steps or defaults.num_steps,
+                  defaults.guidance_scale if guidance_scale is None else guidance_scale, null_class, seed, progress)
+    save_grid(images.cpu(), out)
+    print(f"hqdm sample: {len(ys)} images -> {out}")
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+def report(ckpt_path: str | None = None, config: str | None = None, batches: int = 4,
+           plot: str = "quant_report.png", per_layer: bool = True, device: str = "cpu") -> str:
+    """Per-layer SQNR of the quantized student against its FP teacher: a table on stdout and a PNG bar plot.
+
+    Args:
+        ckpt_path: checkpoint of `hqdm fit` (the trained student).
+        config: run YAML; without a checkpoint the student is PTQ-calibrated here (the PTQ starting point).
+        batches: validation batches the layers are compared on (timesteps stratified over the scale buckets).
+        plot: PNG path of the per-layer plot.
+        per_layer: print every layer, not only the per-block-type summary.
+        device: torch device.
+    """
+    from hqdm.report import quant_report
+
+    module, datamodule = load_run(config, ckpt_path, device)
+    if module.teacher is None:
+        raise ValueError("This run trains an FP model (quant: null): there is no quantized student to report on.")
+    data = module.ensure_data(datamodule)
+    state = "PTQ, calibrated now" if module.ensure_calibrated(data) else f"checkpoint {ckpt_path}"
+    eval_batches = module.calibration_batches(data.val_dataloader(), batches)
+    result = quant_report(module.student, module.teacher, eval_batches, family=module.quant.family, plot=plot)
+    print(f"hqdm report ({state}; {len(eval_batches)} batches):")
+    print(result.table(per_layer=per_layer))
+    print(f"plot: {plot}")
+    return plot
+
+
+COMMANDS = {"export": export, "sample": sample, "report": report}
+
+
+def run_command(name: str, args: list[str]) -> None:
+    """Parse `args` for command `name`, run it, and turn bad-input errors into one clear line (exit code 2)."""
+    from jsonargparse import CLI, ArgumentError
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        CLI(COMMANDS[name], args=args, as_positional=False, prog=f"hqdm {name}")
+    except (ValueError, FileNotFoundError, FileExistsError, ArgumentError) as err:  # bad input, not a bug
+        print(f"hqdm {name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,137 @@
+"""Fidelity against the teacher: prediction SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from hqdm.adapters import Adapter
+from hqdm.context import timestep_buckets, timestep_context
+from hqdm.sampling import sample
+
+IMAGE_RANGE = 2.0  # pixels live in [-1, 1]
+
+
+def bucket_bounds(buckets: int, num_train_timesteps: int) -> list[tuple[int, int]]:
+    """(first, last) timestep of each bucket, matching `hqdm.context.timestep_buckets`."""
+    edges = [math.ceil(i * num_train_timesteps / buckets) for i in range(buckets + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(buckets)]
+
+
+def stratified_timesteps(n: int, buckets: int, num_train_timesteps: int, generator: torch.Generator,
+                         offset: int = 0) -> Tensor:
+    """(n,) timesteps cycling through the buckets from `offset`, uniform inside each: buckets are covered evenly."""
+    bounds = torch.tensor(bucket_bounds(buckets, num_train_timesteps))  # (buckets, 2)
+    lo, hi = bounds[(torch.arange(n) + offset) % buckets].unbind(1)
+    return lo + (torch.rand(n, generator=generator) * (hi - lo + 1)).long().clamp_max(hi - lo)
+
+
+class BucketSQNR(Metric):
+    """SQNR (dB) of predictions against references per timestep bucket: energies summed per bucket, DDP-reduced."""
+
+    full_state_update = False
+
+    def __init__(self, buckets: int, num_train_timesteps: int) -> None:
+        super().__init__()
+        self.buckets, self.num_train_timesteps = buckets, num_train_timesteps
+        self.add_state("signal", torch.zeros(buckets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("noise", torch.zeros(buckets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(buckets, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, ref: Tensor, t: Tensor) -> None:
+        idx = timestep_buckets(t, self.buckets, self.num_train_timesteps).to(self.signal.device)
+        ref64 = ref.detach().double().flatten(1)  # (B, D)
+        err = (pred.detach().double().flatten(1) - ref64).pow(2).sum(1)
+        self.signal.index_add_(0, idx, ref64.pow(2).sum(1))
+        self.noise.index_add_(0, idx, err)
+        self.count.index_add_(0, idx, torch.ones_like(err))
+
+    def compute(self) -> Tensor:
+        """(buckets,) SQNR in dB; NaN for buckets no sample fell into, inf where the error is exactly 0."""
+        db = 10 * torch.log10(self.signal / self.noise)
+        db = torch.where(self.noise == 0, torch.full_like(db, math.inf), db)
+        return torch.where(self.count == 0, torch.full_like(db, math.nan), db)
+
+    def named(self, prefix: str) -> dict[str, float]:
+        """{prefix/sqnr_db_t0-99: ..., ..., prefix/sqnr_db: mean over the buckets that saw samples}."""
+        values = self.compute().tolist()
+        out = {f"{prefix}/sqnr_db_t{lo}-{hi}": v
+               for (lo, hi), v in zip(bucket_bounds(self.buckets, self.num_train_timesteps), values)
+               if not math.isnan(v)}
+        seen = [v for v in values if not math.isnan(v)]
+        if seen:
+            out[f"{prefix}/sqnr_db"] = sum(seen) / len(seen)
+        return out
+
+
+def denoiser(model: nn.Module, adapter: Adapter):
+    """`(x, t, y) -> eps` of a (quantized) model, with the timestep context its per-timestep scales read."""
+
+    def eps(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with timestep_context(t):
+            return adapter.predict(model, x, t, y)
+
+    return eps
+
+
+def grid_labels(n: int, num_classes: int, device) -> Tensor:
+    """Classes cycling 0, 1, ..., num_classes − 1 (all 0 for unconditional models)."""
+    return torch.arange(n, device=device) % max(num_classes, 1)
+
+
+@torch.no_grad()
+def draw(model: nn.Module, adapter: Adapter, scheduler, labels: Tensor, shape, num_steps: int, guidance_scale: float,
+         null_class: int | None, seed: int, progress: bool = False) -> Tensor:
+    """Samples with a fixed seed (noise drawn on the CPU, so the teacher and the student start from the same x_T)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return sample(denoiser(model, adapter), scheduler, labels, shape, num_steps, guidance_scale, null_class,
+                      generator=torch.Generator().manual_seed(seed), progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def load_vae(path: str, subfolder: str | None = None) -> nn.Module:
+    """A frozen diffusers AutoencoderKL (`hqdm:NAME` and local folders resolved like model sources)."""
+    from diffusers import AutoencoderKL
+
+    from hqdm.trainers.source import resolve_path
+
+    return AutoencoderKL.from_pretrained(resolve_path(path), subfolder=subfolder).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Pixels in [-1, 1] from latents stored as (mean − shift_factor) · scaling_factor (hqdm.data.LatentDataModule)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+
+
+def image_fidelity(pred: Tensor, ref: Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of final samples in [-1, 1] against the teacher's (torchmetrics functional API)."""
+    pred, ref = pred.float().clamp(-1, 1), ref.float().clamp(-1, 1)
+    side = min(ref.shape[-2:])
+    kernel = min(11, side if side % 2 else side - 1)  # SSIM's Gaussian window: odd, no larger than the image
+    return {
+        "psnr_db": float(peak_signal_noise_ratio(pred, ref, data_range=IMAGE_RANGE)),
+        "ssim": float(structural_similarity_index_measure(pred, ref, data_range=IMAGE_RANGE, kernel_size=kernel)),
+    }
+
+
+def log_image(logger, key: str, path: Path, step: int) -> None:
+    """Send a saved PNG to loggers that take images (W&B, TensorBoard, ...); the CSV logger keeps the file only."""
+    if logger is None:
+        return
+    if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
+        logger.log_image(key=key, images=[str(path)], step=step)
+    elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
+        import numpy as np
+        from PIL import Image
+
+        logger.experiment.add_image(key, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
