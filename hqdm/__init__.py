@@ -3,9 +3,11 @@
 from hqdm.calibrate import calibrate
 from hqdm.config import LayerQuantConfig, QuantConfig, QuantizerSpec, Rule
 from hqdm.context import timestep_context
+from hqdm.export import export
 from hqdm.layers import set_quantizers_enabled
 from hqdm.prepare import prepare
 from hqdm.report import quant_report
+from hqdm.runtime import load_int
 
 __all__ = [
     "LayerQuantConfig",
@@ -13,6 +15,8 @@ __all__ = [
     "QuantizerSpec",
     "Rule",
     "calibrate",
+    "export",
+    "load_int",
     "prepare",
     "quant_report",
     "set_quantizers_enabled",

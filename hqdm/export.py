@@ -1,0 +1,483 @@
+"""export(): a prepared (calibrated, trained) student becomes a directory that `hqdm.load_int` runs in integers.
+
+    out_dir/ config.json        the diffusers model config (student.save_config)
+             hqdm_quant.json    format version; per layer: kind, quantizer specs, rotation, center / normalize,
+                                fold, accumulator bound, tensor names; sizes, sha256 and parity figures
+             model.safetensors  weights as int8, or int4 packed two per byte, [N, K] with K contiguous; scales,
+                                zero points, activation tables, μ, σ, biases, W_c; every other model tensor
+
+Weights are stored at their own bit width in their own basis. rotation='single' folds Rᵀ into the weight
+exactly in integers, which widens its range by up to the Hadamard order n: the export computes that fold, checks
+it and the int32 accumulator bound and records the digit count, and `load_int` builds it (storing it would cost
+16 bits per weight). Static centering folds μ·W_cᵀ into the bias in float64. Nothing is pickled; the directory
+is written under a temporary name and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hqdm.adapters import get_adapter
+from hqdm.calibrate import forward_batch
+from hqdm.fake_quantizer import _EPS, FakeQuantizer
+from hqdm.layers import QuantConv2d, QuantLayer, layer_config_to_dict, set_quantizers_enabled
+from hqdm.prepare import quant_layers
+from hqdm.quant_primitives import pack_int4, quantize
+from hqdm.runtime import DIGIT_BASE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, gemm_weight, load_int
+
+PARITY_LAYER_SQNR_DB = 40.0
+"""Per layer on identical inputs both paths hold the same integers; only float32 summation order (~1e-6) differs."""
+PARITY_OUTPUT_MARGIN_DB = 1.0
+"""End to end, the integer model may be at most 1 dB further from float than the fake-quant model: once float32
+summation order flips one rounding, the two models round the same signal differently (equally far from float,
+measured within 0.1 dB); a real mismatch adds an error of its own."""
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class ExportSummary:
+    """What export wrote: sizes against the bf16 model and the parity figures."""
+
+    path: Path
+    layers: int
+    file_bytes: int
+    """Bytes of model.safetensors."""
+    weight_bytes: int
+    """Integer weights (int8 or int4 packed)."""
+    qparam_bytes: int
+    """Scales, zero points, activation tables, μ, σ, W_c and biases of the quantized layers."""
+    model_bytes: int
+    """Every other tensor of the model (norms, embeddings, layers left in floating point), as stored."""
+    bf16_bytes: int
+    """The same model with every floating-point tensor in bf16."""
+    parity: dict | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Exported size / bf16 size."""
+        return self.file_bytes / self.bf16_bytes
+
+    def __str__(self) -> str:
+        mb = lambda b: f"{b / 2**20:10.2f} MiB"  # noqa: E731
+        lines = [
+            f"hqdm export: {self.layers} integer layers -> {self.path}",
+            f"  integer weights           {mb(self.weight_bytes)}",
+            f"  scales, tables, μ, σ, W_c {mb(self.qparam_bytes)}",
+            f"  other model tensors       {mb(self.model_bytes)}",
+            f"  {WEIGHTS_FILE:<25} {mb(self.file_bytes)}   {self.ratio:.3f}× the bf16 model "
+            f"({self.bf16_bytes / 2**20:.2f} MiB)",
+        ]
+        if self.parity:
+            p = self.parity
+            lines.append(f"  parity ({p['batches']} batches): output SQNR vs float {p['int_vs_float_db']} dB integer, "
+                         f"{p['fake_quant_vs_float_db']} dB fake quant (bound {p['output_bound_db']}); integer vs "
+                         f"fake quant {p['int_vs_fake_quant_db']} dB; worst layer {p['worst_layer']} "
+                         f"{p['worst_layer_sqnr_db']} dB (bound {p['layer_bound_db']:g})")
+        return "\n".join(lines)
+
+
+def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, family: str = "auto",
+           overwrite: bool = False, float_dtype: torch.dtype | None = None) -> ExportSummary:
+    """Write the integer model of a prepared student: config.json, hqdm_quant.json, model.safetensors.
+
+    Args:
+        student: a diffusers model returned by `hqdm.prepare` (calibrated; LoRA is merged into the export).
+        out_dir: the directory to create.
+        calibration_batches: batches as for `hqdm.calibrate` ({x, t, y?} dicts); when given, the integer model
+            is loaded from the written files and compared with the fake-quant model on them (parity).
+        family: adapter used to call the model for parity ('auto' detects it from the class).
+        overwrite: replace an existing out_dir.
+        float_dtype: store the model's other floating-point tensors (norms, embeddings, float layers) in this
+            dtype, e.g. torch.bfloat16 to halve them; None keeps them bit-identical to the student's.
+
+    Returns:
+        ExportSummary (sizes against bf16, parity figures); `print` it for a table.
+
+    Raises:
+        FileExistsError: out_dir exists and overwrite is False.
+        ValueError: a model that is not a diffusers model; a layer no integer GEMM can run (its activation
+            granularity, missing quantizers, an int32 accumulator that can overflow); parity below the bounds.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another directory.")
+    _check_model(student)
+    layers = quant_layers(student)
+    records, tensors = {}, {}
+    for name, layer in layers.items():
+        records[name], layer_tensors = export_layer(name, layer)
+        tensors.update(layer_tensors)
+    model_tensors = _model_tensors(student, layers, float_dtype)
+    manifest = _manifest(student, records, model_tensors, get_adapter(student, family).name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        student.save_config(tmp)
+        file_bytes = _write_weights(tmp, manifest, {**tensors, **model_tensors})
+        _write_manifest(tmp, manifest)
+        if calibration_batches is not None:
+            manifest["parity"] = check_parity(student, tmp, calibration_batches, family)
+            _write_manifest(tmp, manifest)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weight_bytes = sum(_nbytes(tensors[r["tensors"]["w_int"]]) for r in records.values())
+    return ExportSummary(
+        path=out, layers=len(records), file_bytes=file_bytes, weight_bytes=weight_bytes,
+        qparam_bytes=sum(_nbytes(t) for t in tensors.values()) - weight_bytes,
+        model_bytes=sum(_nbytes(t) for t in model_tensors.values()),
+        bf16_bytes=_bf16_bytes(layers, model_tensors), parity=manifest["parity"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------- one layer
+def export_layer(name: str, layer: QuantLayer) -> tuple[dict, dict[str, Tensor]]:
+    """The manifest record and the tensors of one quantized layer (tensor names are `{name}.{role}`).
+
+    Raises:
+        ValueError: a layer the integer runtime cannot run exactly, or whose int32 accumulator can overflow.
+    """
+    _check_layer(name, layer)
+    cfg, conv = layer.config, isinstance(layer, QuantConv2d)
+    with torch.no_grad():
+        w = layer.effective_weight().detach()
+        q, w_scale, w_zero = quantize_weight(layer.w_quant, w)  # (N, K), (N|1, G), (N|1, G)
+        n, k = q.shape
+        taps = k // layer.in_width
+        try:
+            gw = gemm_weight(q, w_scale, w_zero, layer.hadamard if cfg.rotation == "single" else None, taps)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from err
+        packed = _packs(cfg.w.bits, q)
+        roles = {"w_int": pack_int4(q) if packed else q, "w_scale": w_scale, "w_zero": w_zero}
+        roles.update(_act_tensors(layer))
+        roles.update(_center_tensors(layer, conv))
+    record = {
+        "kind": "conv2d" if conv else "linear",
+        "module": _module_record(layer, conv),
+        "config": layer_config_to_dict(cfg),
+        "weight": {"shape": [n, k], "full_shape": list(w.shape), "layout": "[N, K] row-major, K contiguous",
+                   "storage": "int4x2" if packed else "int8", "scale_shape": list(w_scale.shape)},
+        "act": _act_record(layer),
+        "hadamard": layer.hadamard_dict(),
+        "fold": None if cfg.rotation != "single" else {
+            "op": "(W_int - z_w) @ R_raw, R_raw = diag(signs) @ blockdiag(H_order), entries +-1",
+            "at": "load", "parts": gw.parts, "base": DIGIT_BASE, "max_abs": gw.max_abs,
+            "scale": "w_scale / sqrt(order)"},
+        "correction": _correction_record(cfg, roles),
+        "taps": taps,
+        "accumulator": _accumulator(name, layer, gw, k),
+        "tensors": {role: f"{name}.{role}" for role, t in roles.items() if t is not None},
+    }
+    return record, {f"{name}.{role}": t.detach().cpu().contiguous() for role, t in roles.items() if t is not None}
+
+
+def quantize_weight(fq: FakeQuantizer, w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The integers a weight quantizer's fake quantization uses: int8 (N, K), scales and zero points (N|1, G)."""
+    v = w.reshape(w.shape[0], -1)  # (N, K): the quantizer's canonical view
+    if fq.spec.granularity == "group":
+        v = v.reshape(v.shape[0], -1, fq.spec.group_size)  # (N, K/g, g)
+    scale, zero = fq.qparams(v)
+    q = quantize(v, scale, zero, fq.spec.qmin, fq.spec.qmax).reshape(w.shape[0], -1)
+    groups = v.shape[1] if v.dim() == 3 else 1
+    scale = scale.reshape(-1, groups).float()
+    return q, scale, None if zero is None else zero.round().reshape(-1, groups).to(torch.int32)
+
+
+def _packs(bits, q: Tensor) -> bool:
+    """Integers of at most 4 bits are stored two per byte (pack_int4), when K is even."""
+    return bits != "float" and bits <= 4 and q.shape[1] % 2 == 0
+
+
+def _check_layer(name: str, layer: QuantLayer) -> None:
+    cfg, conv = layer.config, isinstance(layer, QuantConv2d)
+    skip = f"Rule(pattern={name!r}, skip=True) keeps it in floating point"
+    if cfg.w is None or cfg.a is None:
+        raise ValueError(f"layer {name!r} quantizes only its {'input' if cfg.w is None else 'weight'}; an integer "
+                         f"GEMM needs integer weights and activations. Give it both quantizers, or {skip}.")
+    if cfg.a.granularity in ("channel", "group"):
+        raise ValueError(
+            f"layer {name!r}: activation granularity {cfg.a.granularity!r} gives input channels their own scales, "
+            "which vary along the GEMM's reduction axis K, so no integer GEMM can apply them. Fix: per-tensor "
+            f"per-timestep tables (Rule(pattern={name!r}, a_dynamic=False)) or per-token scales (a_dynamic=True)."
+        )
+    if conv and cfg.a.granularity == "token":
+        raise ValueError(
+            f"layer {name!r}: per-token (per-pixel) activation scales on a Conv2d vary inside each im2col row "
+            f"(one row gathers kh·kw pixels), so no integer GEMM can apply them. Fix: Rule(pattern={name!r}, "
+            "a_dynamic=False) and calibrate (per-timestep tables)."
+        )
+    if conv and layer.groups != 1:
+        raise ValueError(f"layer {name!r}: grouped convolution (groups={layer.groups}) has no integer path; {skip}.")
+    if not cfg.a.dynamic and not bool(layer.a_quant.initialized):
+        raise ValueError(f"layer {name!r}: its activation scales are not calibrated; run hqdm.calibrate first.")
+
+
+def _act_tensors(layer: QuantLayer) -> dict[str, Tensor | None]:
+    q = layer.a_quant
+    if q.spec.dynamic:
+        return {}
+    scale = q.scale.detach().abs().clamp_min(_EPS).float()  # (buckets,), as FakeQuantizer.qparams reads it
+    zero = None if q.zero_point is None else q.zero_point.detach().round().to(torch.int32)
+    return {"a_scale": scale, "a_zero": zero}
+
+
+def _act_record(layer: QuantLayer) -> dict:
+    q = layer.a_quant
+    return {"mode": "token" if q.spec.dynamic else "table", "bits": q.spec.bits, "symmetric": q.spec.symmetric,
+            "timestep_buckets": q.spec.timestep_buckets, "num_train_timesteps": q.num_train_timesteps,
+            "table_shape": None if q.spec.dynamic else list(q.scale.shape)}
+
+
+def _center_tensors(layer: QuantLayer, conv: bool) -> dict[str, Tensor | None]:
+    """bias (with μ·W_cᵀ folded in for static centering), μ, σ, and W_c for dynamic centering."""
+    cfg, bias = layer.config, layer.bias
+    out = {"bias": None if bias is None else bias.detach().clone()}
+    if cfg.center == "none":
+        return out
+    out["mu"] = layer.mu.detach().clone()
+    if cfg.normalize:
+        out["sigma"] = layer.sigma.detach().clone()
+    if cfg.center == "static":
+        wc = layer.correction_weight().detach().double()
+        wc = wc.sum(dim=(2, 3)) if conv else wc  # (N, C): Σ over taps
+        folded = layer.mu.double() @ wc.T + (0.0 if bias is None else bias.double())
+        out["bias"] = folded.to(layer.weight.dtype)  # float64, cast once
+    elif layer.c_quant is None:
+        out["c_weight"] = layer.original_weight().detach().reshape(layer.weight.shape[0], -1)
+    else:
+        q, out["c_scale"], _ = quantize_weight(layer.c_quant, layer.original_weight().detach())
+        out["c_int"] = pack_int4(q) if _packs(cfg.correction_bits, q) else q
+    return out
+
+
+def _correction_record(cfg, roles: dict) -> dict | None:
+    if cfg.center == "none":
+        return None
+    if cfg.center == "static":
+        stored = "folded_into_bias"
+    elif "c_weight" in roles:
+        stored = "float"
+    else:
+        stored = "int4x2" if roles["c_int"].dtype == torch.uint8 else "int8"
+    return {"bits": cfg.correction_bits, "stored": stored}
+
+
+def _module_record(layer: QuantLayer, conv: bool) -> dict:
+    if not conv:
+        return {"in_features": layer.in_features, "out_features": layer.out_features}
+    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "dilation": list(layer.dilation),
+            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            "padding_mode": layer.padding_mode, "pad": list(layer.pad_amounts()),
+            "pad_mode": "constant" if layer.padding_mode == "zeros" else layer.padding_mode}
+
+
+def _accumulator(name: str, layer: QuantLayer, gw, k: int) -> dict:
+    """K · max|a| · max|w| per GEMM (K per weight group) must stay below 2^31."""
+    k_gemm = k // gw.scale.shape[1]
+    a_max = 2 ** (layer.config.a.bits - 1)
+    bound = k_gemm * a_max * gw.digit_max_abs
+    if bound > INT32_MAX:
+        raise ValueError(
+            f"layer {name!r}: the int32 accumulator can overflow: K={k_gemm} · max|a|={a_max} · max|w|="
+            f"{gw.digit_max_abs} = {bound} > 2^31 - 1. Fix: weight groups shorten K per GEMM (Rule(pattern="
+            f"{name!r}, w_granularity='group', w_group_size=...)), fewer activation bits, or skip=True."
+        )
+    return {"k": k_gemm, "max_abs_a": a_max, "max_abs_w": gw.digit_max_abs, "bound": bound, "limit": INT32_MAX}
+
+
+# ------------------------------------------------------------------------------------------------- the model
+def _check_model(student: nn.Module) -> None:
+    import diffusers
+
+    cls = type(student).__name__
+    if not isinstance(student, diffusers.ModelMixin) or getattr(diffusers, cls, None) is not type(student):
+        raise ValueError(
+            f"export writes a diffusers config.json that load_int rebuilds with diffusers.{cls}.from_config, but "
+            f"{cls} is not a diffusers model class. Export a prepared diffusers model (DiTTransformer2DModel, "
+            "UNet2DModel, UNet2DConditionModel, ...)."
+        )
+    from hqdm.mha import QuantMultiheadAttention
+
+    mha = [n for n, m in student.named_modules() if isinstance(m, QuantMultiheadAttention)]
+    if mha:
+        raise ValueError(f"{mha[0]!r} is a QuantMultiheadAttention, which the integer runtime does not rebuild; "
+                         f"add Rule(pattern='{mha[0]}.*', skip=True) to keep it in floating point.")
+    if not quant_layers(student):
+        raise ValueError("The model has no quantized layers: run hqdm.prepare(model, config) first.")
+
+
+def _model_tensors(student: nn.Module, layers: dict[str, QuantLayer], float_dtype) -> dict[str, Tensor]:
+    """Every state_dict tensor outside the quantized layers, under its own key (cloned: no shared storage)."""
+    inside = tuple(f"{n}." for n in layers)
+    out = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()
+           if isinstance(v, Tensor) and not k.startswith(inside)}
+    if float_dtype is None:
+        return out
+    return {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in out.items()}
+
+
+def _manifest(student: nn.Module, records: dict, model_tensors: dict, family: str) -> dict:
+    steps = {r["act"]["num_train_timesteps"] for r in records.values()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hqdm_version": _version(),
+        "model_class": type(student).__name__,
+        "family": family,
+        "num_train_timesteps": max(steps),
+        "weight_layout": "[N, K] row-major, K contiguous; Conv2d K = C·kh·kw in PyTorch (c, kh, kw) order",
+        "int4_packing": "two's complement nibbles, two per uint8 along K, low nibble = even k (pack_int4)",
+        "layers": records,
+        "model_tensors": sorted(model_tensors),
+        "files": {},
+        "parity": None,
+    }
+
+
+def _write_weights(tmp: Path, manifest: dict, tensors: dict[str, Tensor]) -> int:
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": "pt", "hqdm_format": f"{FORMAT}/{FORMAT_VERSION}"})
+    (tmp / WEIGHTS_FILE).write_bytes(data)
+    manifest["files"][WEIGHTS_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return len(data)
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to out (an existing out is replaced only after that succeeds)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bf16_bytes(layers: dict[str, QuantLayer], model_tensors: dict[str, Tensor]) -> int:
+    tensors = [*model_tensors.values()] + [p for m in layers.values() for p in (m.weight, m.bias) if p is not None]
+    return sum(t.numel() * 2 if t.is_floating_point() else _nbytes(t) for t in tensors)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hqdm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------- parity
+def check_parity(student: nn.Module, path: str | Path, batches, family: str = "auto") -> dict:
+    """Load the export at `path` and compare it with the fake-quant student, per layer and at the output.
+
+    Per layer, each integer layer runs on the exact input its fake-quant twin sees and must reach
+    PARITY_LAYER_SQNR_DB against it. End to end, SQNR(integer vs float) must reach SQNR(fake quant vs float) −
+    PARITY_OUTPUT_MARGIN_DB, where float is the student with its quantizers off. SQNR = 10·log10(Σ ref² /
+    Σ (x − ref)²) over all batches.
+
+    Returns:
+        {int_vs_float_db, fake_quant_vs_float_db, output_bound_db, int_vs_fake_quant_db, worst_layer,
+        worst_layer_sqnr_db, layer_bound_db, batches, layer_sqnr_db: {name: dB}}.
+
+    Raises:
+        ValueError: a layer or the output below its bound; the message names them and the figures.
+    """
+    device = next(student.parameters()).device
+    int_model = load_int(path, device=device)
+    adapter = get_adapter(student, family)
+    layers = quant_layers(student)
+    sums = {name: [0.0, 0.0] for name in layers}
+    outs = {"int_vs_fq": [0.0, 0.0], "int_vs_fp": [0.0, 0.0], "fq_vs_fp": [0.0, 0.0]}
+
+    def hook(name):
+        def fn(mod, args, out):
+            _accumulate(sums[name], int_model.get_submodule(name)(args[0]), out)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    was_training, enabled = student.training, {q: q.enabled for q in student.modules() if isinstance(q, FakeQuantizer)}
+    student.eval()
+    fq, ints = [], []
+    try:
+        with torch.no_grad():
+            set_quantizers_enabled(student, True)
+            for batch in batches:
+                fq.append(forward_batch(student, batch, adapter))
+                ints.append(forward_batch(int_model, batch, adapter))
+                _accumulate(outs["int_vs_fq"], ints[-1], fq[-1])
+            for h in handles:
+                h.remove()
+            set_quantizers_enabled(student, False)
+            for batch, ref, out in zip(batches, fq, ints):
+                fp = forward_batch(student, batch, adapter)
+                _accumulate(outs["int_vs_fp"], out, fp)
+                _accumulate(outs["fq_vs_fp"], ref, fp)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, on in enabled.items():
+            q.enabled = on
+        student.train(was_training)
+    return _parity_verdict(sums, outs, len(batches))
+
+
+def _accumulate(acc: list[float], x: Tensor, ref: Tensor) -> None:
+    ref64 = ref.detach().double()
+    acc[0] += float(ref64.square().sum())
+    acc[1] += float((x.detach().double() - ref64).square().sum())
+
+
+def _sqnr(acc: list[float]) -> float:
+    return math.inf if acc[1] == 0 else 10 * math.log10(max(acc[0], 1e-300) / acc[1])
+
+
+def _db(v: float) -> float | str:
+    """A JSON-safe dB figure: rounded, or "inf" where the two paths agree exactly."""
+    return round(v, 2) if math.isfinite(v) else "inf"
+
+
+def _parity_verdict(sums: dict, outs: dict, n_batches: int) -> dict:
+    per_layer = {name: _sqnr(s) for name, s in sums.items()}
+    worst = min(per_layer, key=per_layer.get)
+    int_db, fq_db = _sqnr(outs["int_vs_fp"]), _sqnr(outs["fq_vs_fp"])
+    bound = fq_db - PARITY_OUTPUT_MARGIN_DB
+    figures = {
+        "int_vs_float_db": _db(int_db), "fake_quant_vs_float_db": _db(fq_db), "output_bound_db": _db(bound),
+        "int_vs_fake_quant_db": _db(_sqnr(outs["int_vs_fq"])), "worst_layer": worst,
+        "worst_layer_sqnr_db": _db(per_layer[worst]), "layer_bound_db": PARITY_LAYER_SQNR_DB, "batches": n_batches,
+        "layer_sqnr_db": {k: _db(v) for k, v in per_layer.items()},
+    }
+    bad = sorted((v, k) for k, v in per_layer.items() if v < PARITY_LAYER_SQNR_DB)
+    if bad or int_db < bound:
+        shown = ", ".join(f"{k} {v:.1f} dB" for v, k in bad[:4]) or "none"
+        raise ValueError(
+            f"Export refused: the integer model disagrees with the fake-quant model on the {n_batches} calibration "
+            f"batches. Layers below PARITY_LAYER_SQNR_DB = {PARITY_LAYER_SQNR_DB:g} dB on identical inputs: "
+            f"{shown}. Output SQNR vs float: integer {int_db:.1f} dB, fake quant {fq_db:.1f} dB (bound: fake quant "
+            f"− PARITY_OUTPUT_MARGIN_DB = {bound:.1f} dB). Nothing was written. A layer far below its bound computes "
+            "something its fake-quant twin does not (a forward changed after prepare, or an unsupported module)."
+        )
+    return figures

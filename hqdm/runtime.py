@@ -1,0 +1,496 @@
+"""Integer runtime: IntLinear / IntConv2d, which run real integer GEMMs, and `load_int`, which rebuilds an export.
+
+    x ──(− μ)──(/ σ)──(· R)── quantize (s_a, z_a) ──▶ a int8 (M, K) ──┐
+                                                                     int_mm ──▶ acc int32 (M, N)
+    W int8 (N, K)   rotation='single': (W_int − z_w)·R_raw, int8 digits ┘
+    y = s_a · s_w · (acc − z_a·Σ_k w − z_w·Σ_k a + K·z_a·z_w) + b + μ·W_cᵀ
+
+M = tokens (Linear) or output pixels (Conv2d: im2col of the padded, centered int8 input), K = C (Linear) or
+C·kh·kw in PyTorch order (Conv2d). R = diag(signs)·blockdiag(H_n)/√n is the layer's Hadamard rotation (the
+activation is quantized in the rotated basis). For rotation='single' the fake-quant layer rotates x̂ back
+(x̂ = Q(xR)·Rᵀ), so Rᵀ folds into the weight: Q_w(W)·R = s_w·(W_int − z_w)·R_raw/√n, an exact integer matrix
+with entries up to n·2^b. It is built here at load time from the stored low-bit integers (the file keeps 4 or
+8 bits per weight) and split into balanced base-256 int8 digits, W = Σ_p D_p·256^p, stacked into one GEMM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hqdm.context import current_timesteps, timestep_buckets
+from hqdm.hadamard import HadamardSpec, hadamard_matrix, rotate, signs
+from hqdm.int_matmul import int_mm
+from hqdm.quant_primitives import quantize, range_to_qparams, unpack_int4
+
+FORMAT = "hqdm-int"
+FORMAT_VERSION = 1
+"""Version of the export directory format; load_int reads exactly this version."""
+CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE = "config.json", "hqdm_quant.json", "model.safetensors"
+DIGIT_BASE = 256
+"""Base of the int8 digits a folded weight is split into (balanced digits in [-128, 127])."""
+
+
+# ------------------------------------------------------------------------------------------ integer weight algebra
+def fold_hadamard_int(w: Tensor, spec: HadamardSpec, taps: int = 1) -> Tensor:
+    """Exact integer `W·R_raw` along the channel axis, R_raw = diag(signs)·blockdiag(H_n) (entries ±1).
+
+    Args:
+        w: integer (N, C·taps), channel-major as PyTorch flattens conv weights.
+        spec: the rotation; spec.width == C.
+        taps: kernel taps kh·kw (1 for Linear).
+
+    Returns:
+        int64 (N, C·taps). Computed by a float64 matmul, exact because every partial sum is an integer far below
+        2^53 (at most n·2^9 for int8 weights with zero points).
+    """
+    rows, c, n = w.shape[0], spec.width, spec.order
+    v = w.to(torch.float64).reshape(rows, c, taps)  # (N, C, T)
+    s = signs(spec)
+    if s is not None:
+        v = v * s[:, None]
+    v = v.transpose(1, 2).reshape(rows, taps, c // n, n) @ hadamard_matrix(n).to(torch.float64)  # (N, T, C/n, n)
+    return v.reshape(rows, taps, c).transpose(1, 2).reshape(rows, c * taps).round().to(torch.int64)
+
+
+def split_int8(f: Tensor) -> Tensor:
+    """Balanced base-256 int8 digits D (P, ...) of an integer tensor: f == Σ_p D[p]·256^p, P as small as possible."""
+    digits, rest = [], f.to(torch.int64)
+    while rest.numel() and (rest.min() < -128 or rest.max() > 127):
+        low = torch.remainder(rest + 128, DIGIT_BASE) - 128
+        digits.append(low)
+        rest = torch.div(rest - low, DIGIT_BASE, rounding_mode="floor")
+    return torch.stack([*digits, rest]).to(torch.int8)
+
+
+def _constant_over_blocks(v: Tensor, spec: HadamardSpec, taps: int) -> bool:
+    """True when v (rows, C·taps) is constant over each Hadamard block of n channels at every tap."""
+    blocks = v.reshape(v.shape[0], spec.width // spec.order, spec.order, taps)  # (rows, C/n, n, T)
+    return bool((blocks == blocks[:, :, :1]).all())
+
+
+@dataclass
+class GemmWeight:
+    """The weight as the GEMM consumes it: int8 digits per K-group, dequant scales, zero points, column sums."""
+
+    ints: Tensor
+    """int8 (G, P·N, K/G): digit p of output n is row p·N + n; contiguous per group."""
+    scale: Tensor
+    """float32 (N or 1, G): dequant scale per output channel and group (1/√n folded in for rotation='single')."""
+    zero: Tensor | None
+    """int64 (N or 1, G) zero points of the GEMM weight, or None (symmetric, or absorbed by the fold)."""
+    colsum: Tensor
+    """int64 (N, G): Σ_k over each group of the weight the GEMM multiplies (digits combined)."""
+    parts: int
+    """P, the number of int8 digits (1 unless a fold widened the range)."""
+    max_abs: int
+    """Largest |entry| of the combined integer weight (before the digit split)."""
+
+    @property
+    def digit_max_abs(self) -> int:
+        """Largest |entry| the GEMM sees, which bounds the int32 accumulator."""
+        return int(self.ints.abs().max()) if self.ints.numel() else 0
+
+
+def gemm_weight(q: Tensor, scale: Tensor, zero: Tensor | None, fold: HadamardSpec | None = None,
+                taps: int = 1) -> GemmWeight:
+    """Prepare stored weight integers for `int_mm`: fold Rᵀ (rotation='single'), split into digits, group along K.
+
+    Args:
+        q: integer (N, K) weight in its stored layout.
+        scale: (N or 1, G) float scales, constant over each of G equal groups of K.
+        zero: (N or 1, G) integer zero points, or None.
+        fold: the layer's Hadamard spec to fold (rotation='single'), or None.
+        taps: kernel taps kh·kw (K = C·taps).
+
+    Raises:
+        ValueError: a fold over scales that change inside a Hadamard block (cannot stay exact in integers).
+    """
+    n_out, k = q.shape
+    groups = scale.shape[1]
+    w = q.to(torch.int64)
+    zero = None if zero is None else zero.to(torch.int64)
+    scale = scale.to(torch.float32)
+    if fold is not None:
+        per_elem = scale.expand(n_out, groups).repeat_interleave(k // groups, dim=1)  # (N, K)
+        z_elem = None if zero is None else zero.expand(n_out, groups).repeat_interleave(k // groups, dim=1)
+        if not _constant_over_blocks(per_elem, fold, taps) or (
+                z_elem is not None and not _constant_over_blocks(z_elem, fold, taps)):
+            raise ValueError(
+                f"rotation='single' folds Rᵀ (Hadamard blocks of {fold.order} channels) into the integer weight, "
+                f"which is exact only where the weight scale is constant over each block; the {groups} weight "
+                f"groups of K={k} split blocks. Fix: a weight group size that is a multiple of {fold.order}·taps, "
+                "per-channel weight scales, or rotation='double'."
+            )
+        w = fold_hadamard_int(w if z_elem is None else w - z_elem, fold, taps)
+        scale, zero = (scale.double() / math.sqrt(fold.order)).float(), None
+    digits = split_int8(w)  # (P, N, K)
+    parts, gs = digits.shape[0], k // groups
+    ints = digits.reshape(parts, n_out, groups, gs).permute(2, 0, 1, 3).reshape(groups, parts * n_out, gs)
+    colsum = w.reshape(n_out, groups, gs).sum(-1)  # (N, G)
+    max_abs = int(w.abs().max()) if w.numel() else 0
+    return GemmWeight(ints.contiguous(), scale, zero, colsum, parts, max_abs)
+
+
+def unpack_weight(stored: Tensor) -> Tensor:
+    """Stored weight integers -> int8 (N, K): int4 packed two per byte (uint8) or plain int8."""
+    return unpack_int4(stored) if stored.dtype == torch.uint8 else stored
+
+
+# ------------------------------------------------------------------------------------------------ the layers
+class IntLayer(nn.Module):
+    """Shared state of IntLinear / IntConv2d: transform, activation quantizer, integer GEMM, epilogue."""
+
+    channel_dim = -1
+
+    def __init__(self, name: str, record: dict, tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.name, self.record = name, record
+        cfg, act, wrec = record["config"], record["act"], record["weight"]
+        self.rotation, self.center, self.normalize = cfg["rotation"], cfg["center"], cfg["normalize"]
+        self.hadamard = None if record["hadamard"] is None else HadamardSpec.from_dict(record["hadamard"])
+        self.w_bits, self.a_bits = cfg["w"]["bits"], act["bits"]
+        self.a_mode, self.a_symmetric = act["mode"], act["symmetric"]
+        self.a_qmin, self.a_qmax = -(2 ** (act["bits"] - 1)), 2 ** (act["bits"] - 1) - 1
+        self.buckets, self.num_train_timesteps = act["timestep_buckets"], act["num_train_timesteps"]
+        get = lambda role: _tensor(name, record, tensors, role)  # noqa: E731
+        n, k = wrec["shape"]
+        q = unpack_weight(get("w_int"))
+        if tuple(q.shape) != (n, k):
+            raise ValueError(f"layer {name!r}: stored weight unpacks to {tuple(q.shape)}, manifest says {(n, k)}.")
+        fold = self.hadamard if self.rotation == "single" else None
+        gw = gemm_weight(q, get("w_scale"), get("w_zero"), fold, record.get("taps", 1))
+        if record["fold"] is not None and (gw.parts, gw.max_abs) != (record["fold"]["parts"],
+                                                                      record["fold"]["max_abs"]):
+            raise ValueError(
+                f"layer {name!r}: the folded weight has {gw.parts} digits and max |w| {gw.max_abs}, the manifest "
+                f"records {record['fold']['parts']} and {record['fold']['max_abs']}; the files come from an "
+                "incompatible hqdm version or were edited. Re-export."
+            )
+        self.parts, self.out_width = gw.parts, n
+        self.register_buffer("w_ints", gw.ints)
+        self.register_buffer("w_scale", gw.scale)
+        self.register_buffer("w_zero", gw.zero)
+        self.register_buffer("w_colsum", gw.colsum)
+        digits = DIGIT_BASE ** torch.arange(gw.parts, dtype=torch.float64)  # (P,)
+        scale = (digits[None, :, None] * gw.scale.T.double()[:, None, :]).float()  # (G, P, N|1)
+        self.register_buffer("digit_scale", scale.expand(-1, -1, n).contiguous() if gw.parts > 1 else None)
+        self.register_buffer("a_scale", get("a_scale"))
+        self.register_buffer("a_zero", None if get("a_zero") is None else get("a_zero").to(torch.int64))
+        self.register_buffer("bias", get("bias"))
+        self.register_buffer("mu", get("mu"))
+        self.register_buffer("sigma", get("sigma"))
+        self.register_buffer("c_weight", _correction_weight(get, record))
+
+    def extra_repr(self) -> str:
+        acts = "per-token" if self.a_mode == "token" else f"{self.buckets} timestep buckets"
+        return (f"W{self.w_bits}A{self.a_bits} ({acts}), rotation={self.rotation}, "
+                f"center={self.center}, normalize={self.normalize}, weight digits={self.parts}")
+
+    # ---- input transform (the same operations, in the same order, as QuantLayer.pre_quant) -------------------
+    def _shape(self, x: Tensor) -> list[int]:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return shape
+
+    def mean(self, x: Tensor) -> Tensor | None:
+        """μ broadcastable against x: the per-sample token / pixel mean (dynamic) or the stored vector."""
+        if self.center == "none":
+            return None
+        spatial = [d for d in range(1, x.dim()) if d != x.dim() + self.channel_dim and d != self.channel_dim]
+        if self.center == "dynamic" and spatial:
+            return x.mean(dim=spatial, keepdim=True)
+        return self.mu.reshape(self._shape(x))
+
+    def pre_quant(self, x: Tensor, mu: Tensor | None) -> Tensor:
+        """((x − μ)/σ)·R: the tensor that is quantized."""
+        h = x if mu is None else x - mu
+        if self.normalize:
+            h = h / self.sigma.reshape(self._shape(x))
+        return h if self.hadamard is None else rotate(h, self.hadamard, dim=self.channel_dim)
+
+    # ---- activation quantization ----------------------------------------------------------------------------
+    def bucket_index(self, batch: int, device: torch.device) -> Tensor:
+        """(B,) table entry of each sample from the enclosing `hqdm.timestep_context`."""
+        t = current_timesteps()
+        if t is None:
+            if self.buckets > 1:
+                raise RuntimeError(
+                    f"Layer {self.name!r} keeps {self.buckets} per-timestep activation scales but no timestep is "
+                    "set: run the model inside `with hqdm.timestep_context(t):` (t: the (B,) timesteps)."
+                )
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        t = t.expand(batch) if t.numel() == 1 else t
+        if t.numel() != batch:
+            raise ValueError(
+                f"timestep_context holds {t.numel()} timesteps but layer {self.name!r} sees a batch of {batch}; "
+                "set one timestep per sample (repeat it for guidance batches)."
+            )
+        return timestep_buckets(t, self.buckets, self.num_train_timesteps).to(device)
+
+    def quantize_act(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """int8 h, and per-sample (table) or per-token (B, T, 1) scales and integer zero points."""
+        if self.a_mode == "token":  # h: (B, T, C)
+            s, z = range_to_qparams(h.amin(-1, keepdim=True), h.amax(-1, keepdim=True), self.a_qmin, self.a_qmax,
+                                    self.a_symmetric)
+        else:
+            idx = self.bucket_index(h.shape[0], h.device)
+            view = (-1,) + (1,) * (h.dim() - 1)
+            s = self.a_scale[idx].reshape(view)
+            z = None if self.a_zero is None else self.a_zero[idx].reshape(view)
+        return quantize(h, s, z, self.a_qmin, self.a_qmax), s, None if z is None else z.round().to(torch.int64)
+
+    # ---- integer GEMM and epilogue --------------------------------------------------------------------------
+    def matmul(self, a: Tensor, za: Tensor | None) -> Tensor:
+        """Σ_g s_w·Σ_k (a − z_a)(w − z_w), exact in integers per group, as float32 (M, N); a int8 (M, K)."""
+        groups, _, gs = self.w_ints.shape
+        n, p, y = self.out_width, self.parts, None
+        for g in range(groups):
+            ag = a if groups == 1 else a[:, g * gs:(g + 1) * gs]
+            acc = int_mm(ag, self.w_ints[g])  # (M, P·N) int32
+            if za is None and self.w_zero is None:  # dequantize each digit with s_w·256^p: no int64 pass
+                acc = acc.float()
+                part = acc * self.w_scale[:, g] if p == 1 else (acc.unflatten(1, (p, n)) * self.digit_scale[g]).sum(1)
+            else:
+                if p > 1:
+                    acc = sum(acc[:, i * n:(i + 1) * n].long() << (8 * i) for i in range(p))  # (M, N) int64
+                part = self._remove_zero_points(acc.long(), ag, za, g).float() * self.w_scale[:, g]
+            y = part if y is None else y + part
+        return y
+
+    def _remove_zero_points(self, acc: Tensor, a: Tensor, za: Tensor | None, g: int) -> Tensor:
+        """Σ(a − z_a)(w − z_w) = Σaw − z_a·Σw − z_w·Σa + K·z_a·z_w, all in int64."""
+        if za is not None:
+            acc = acc - za[:, None] * self.w_colsum[:, g]
+        if self.w_zero is not None:
+            zw = self.w_zero[:, g]
+            acc = acc - a.sum(1, dtype=torch.int64)[:, None] * zw
+            if za is not None:
+                acc = acc + a.shape[1] * za[:, None] * zw
+        return acc
+
+    def epilogue(self, y: Tensor, mu: Tensor | None) -> Tensor:
+        """+ bias + μ·W_cᵀ (dynamic centering; static centering is already in the bias); y: (B, T, N)."""
+        if self.bias is not None:
+            y = y + self.bias
+        if self.c_weight is not None and mu is not None:
+            y = y + (mu.reshape(-1, mu.shape[self.channel_dim]) @ self.c_weight.T)[:, None, :]  # (B|1, 1, N)
+        return y
+
+
+class IntLinear(IntLayer):
+    """nn.Linear replacement: centering, σ, Hadamard, int8 activations, integer GEMM, float epilogue."""
+
+    channel_dim = -1
+
+    def forward(self, x: Tensor) -> Tensor:
+        h32 = x.float()
+        b, c = x.shape[0], x.shape[-1]
+        mu = self.mean(h32)
+        h = self.pre_quant(h32, mu).reshape(b, -1, c)  # (B, T, C)
+        q, s, za = self.quantize_act(h)
+        rows = q.shape[1]
+        s = s.reshape(-1) if self.a_mode == "token" else s.reshape(b).repeat_interleave(rows)  # (B·T,)
+        if za is not None:
+            za = za.reshape(-1) if self.a_mode == "token" else za.reshape(b).repeat_interleave(rows)
+        y = (self.matmul(q.reshape(-1, c), za) * s[:, None]).reshape(b, rows, -1)  # (B, T, N)
+        return self.epilogue(y, mu).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class IntConv2d(IntLayer):
+    """nn.Conv2d replacement: pad, center, σ, Hadamard, int8 activations, im2col, integer GEMM, float epilogue."""
+
+    channel_dim = 1
+
+    def __init__(self, name: str, record: dict, tensors: dict[str, Tensor]) -> None:
+        super().__init__(name, record, tensors)
+        mod = record["module"]
+        self.kernel_size, self.stride = tuple(mod["kernel_size"]), tuple(mod["stride"])
+        self.dilation, self.pad_amounts, self.pad_mode = tuple(mod["dilation"]), tuple(mod["pad"]), mod["pad_mode"]
+
+    def pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pad_amounts, mode=self.pad_mode) if any(self.pad_amounts) else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        h32 = x.float()
+        b = x.shape[0]
+        mu = self.mean(h32)  # of the unpadded input, as in QuantConv2d
+        h = self.pad(self.pre_quant(h32, None)) if mu is None else self.pre_quant(self.pad(h32), mu)
+        q, s, za = self.quantize_act(h)  # (B, C, Hp, Wp) int8; padding zeros became z_a
+        cols, (ho, wo) = im2col(q, self.kernel_size, self.stride, self.dilation)  # (B·L, K)
+        rows = ho * wo
+        za = None if za is None else za.reshape(b).repeat_interleave(rows)
+        y = self.matmul(cols, za) * s.reshape(b).repeat_interleave(rows)[:, None]  # (B·L, N)
+        y = self.epilogue(y.reshape(b, rows, -1), mu)  # (B, L, N)
+        return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2).to(x.dtype)  # (B, N, Ho, Wo)
+
+
+def im2col(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
+    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, C·kh·kw), PyTorch's (c, i, j) order.
+
+    Equals `F.unfold(q, kernel, dilation, 0, stride).transpose(1, 2)` rows, built from strided views because
+    F.unfold has no int8 kernel; the only copy is the final int8 reshape.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    p = q.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # (B, C, Ho, W, kh)
+    p = p.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (B, C, Ho, Wo, kh, kw)
+    b, c, ho, wo = p.shape[:4]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw), (ho, wo)
+
+
+def _tensor(name: str, record: dict, tensors: dict[str, Tensor], role: str) -> Tensor | None:
+    key = record["tensors"].get(role)
+    if key is None:
+        return None
+    if key not in tensors:
+        raise ValueError(f"layer {name!r}: tensor {key!r} ({role}) is missing from {WEIGHTS_FILE}; re-export.")
+    return tensors[key]
+
+
+def _correction_weight(get, record: dict) -> Tensor | None:
+    """(N, C) dequantized W_c summed over taps (dynamic centering only), as QuantLayer computes it."""
+    c_int, c_weight = get("c_int"), get("c_weight")
+    if c_int is None and c_weight is None:
+        return None
+    shape = record["weight"]["full_shape"]
+    w = c_weight if c_int is None else unpack_weight(c_int).float() * get("c_scale")  # (N, K)
+    w = w.reshape(shape)
+    return w.sum(dim=(2, 3)) if len(shape) == 4 else w
+
+
+# ------------------------------------------------------------------------------------------------- load_int
+def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild an exported model with IntLinear / IntConv2d layers that run real integer GEMMs.
+
+    Call it like the original diffusers model, inside `hqdm.timestep_context(t)` when it keeps per-timestep
+    activation scales. Integer layers compute their transform and epilogue in float32 and return `dtype`.
+
+    Args:
+        path: a directory written by `hqdm.export`.
+        device: where the model runs.
+        dtype: dtype of the floating-point parts (norms, embeddings, layers left unquantized).
+
+    Returns:
+        The diffusers model, in eval mode.
+
+    Raises:
+        FileNotFoundError: a file of the export is missing.
+        ValueError: a wrong format version, config.json of another model class, a truncated or corrupted
+            model.safetensors, or a tensor the manifest names but the file lacks.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = _read_config(path, manifest)
+    tensors = read_tensors(path, manifest)
+    import diffusers
+
+    model = getattr(diffusers, manifest["model_class"]).from_config(config)
+    _load_float_tensors(model, manifest, tensors)
+    model.to(device)
+    if dtype != next(model.parameters()).dtype:
+        model.to(dtype)
+    for name, record in manifest["layers"].items():
+        _check_module(model, name, record)
+        cls = IntConv2d if record["kind"] == "conv2d" else IntLinear
+        _set_submodule(model, name, cls(name, record, tensors).to(device))
+    return model.eval()
+
+
+def read_manifest(path: Path) -> dict:
+    """The validated manifest of an export directory."""
+    for f in (CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} is missing: {path} is not a complete hqdm export (hqdm export).")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / MANIFEST_FILE} is not valid JSON ({err}); re-export the model.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST_FILE} is not an hqdm integer-model manifest (no format={FORMAT!r}).")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / MANIFEST_FILE} has format_version={manifest.get('format_version')!r}; this hqdm reads "
+            f"version {FORMAT_VERSION}. Re-export the checkpoint with this hqdm, or load it with the hqdm that "
+            "wrote it."
+        )
+    return manifest
+
+
+def _read_config(path: Path, manifest: dict) -> dict:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); re-export the model.") from err
+    if config.get("_class_name") != manifest["model_class"]:
+        raise ValueError(
+            f"{path / CONFIG_FILE} describes a {config.get('_class_name')!r} but {MANIFEST_FILE} was exported "
+            f"from a {manifest['model_class']!r}: the directory mixes files of two models. Restore the "
+            "config.json written with this export (or re-export)."
+        )
+    return config
+
+
+def read_tensors(path: Path, manifest: dict) -> dict[str, Tensor]:
+    """Every tensor of model.safetensors, after checking size and sha256 and that each named tensor is there."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    file, meta = path / WEIGHTS_FILE, manifest["files"][WEIGHTS_FILE]
+    data = file.read_bytes()
+    if len(data) != meta["bytes"]:
+        raise ValueError(
+            f"{file} is truncated or padded: {len(data)} bytes, the manifest records {meta['bytes']}. Copy the "
+            "file again or re-export."
+        )
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{file} is corrupted: its sha256 differs from the manifest's. Copy it again or re-export.")
+    try:
+        tensors = load(data)
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); re-export.") from err
+    names = [(n, f"layer {layer!r}") for layer, r in manifest["layers"].items() for n in r["tensors"].values()]
+    for name, owner in names + [(n, "model") for n in manifest["model_tensors"]]:
+        if name not in tensors:
+            raise ValueError(
+                f"{MANIFEST_FILE} names tensor {name!r} ({owner}) but {file} does not contain it; the export is "
+                "incomplete: re-export."
+            )
+    return tensors
+
+
+def _load_float_tensors(model: nn.Module, manifest: dict, tensors: dict[str, Tensor]) -> None:
+    own = {k: tensors[k] for k in manifest["model_tensors"]}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    layers = tuple(f"{n}." for n in manifest["layers"])
+    missing = [k for k in missing if not k.startswith(layers)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{CONFIG_FILE} builds a {manifest['model_class']} whose tensors do not match the export: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}. The config and weights come from different models."
+        )
+
+
+def _check_module(model: nn.Module, name: str, record: dict) -> None:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"{CONFIG_FILE} builds a model without layer {name!r} named in {MANIFEST_FILE}.") from err
+    want = nn.Conv2d if record["kind"] == "conv2d" else nn.Linear
+    shape = list(mod.weight.shape) if isinstance(mod, want) else None
+    if shape != record["weight"]["full_shape"]:
+        raise ValueError(
+            f"layer {name!r}: {CONFIG_FILE} builds a {type(mod).__name__} (weight {shape}) where {MANIFEST_FILE} "
+            f"stores a {record['kind']} of weight {record['weight']['full_shape']}; the files come from two models."
+        )
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

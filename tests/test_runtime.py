@@ -1,0 +1,245 @@
+"""Integer runtime: int_mm against its reference, the exact Hadamard fold and digit split, im2col, int4 packing,
+and every integer layer against its fake-quant twin (rotation × center × normalize, W8A8 / W4A8 / W4A4,
+per-timestep tables and dynamic per-token scales, asymmetric activations)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hqdm
+from hqdm.export import export_layer, quantize_weight
+from hqdm.hadamard import HadamardSpec, rotation_matrix
+from hqdm.int_matmul import _int_mm_padded, int_mm, int_mm_reference
+from hqdm.layers import QuantLayer
+from hqdm.quant_primitives import dequantize, pack_int4, unpack_int4
+from hqdm.runtime import IntConv2d, IntLinear, fold_hadamard_int, gemm_weight, im2col, split_int8
+from hqdm.sampling import sqnr_db
+
+LAYER_SQNR_FLOOR_DB = 80.0
+"""Integer layer vs its fake-quant twin on one input: the same integers on both paths, only float32 summation
+order differs (~120-140 dB measured), so anything below 80 dB is a real mismatch."""
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+KNOBS = [  # (rotation, center, normalize): every combination the layers accept
+    ("none", "none", False), ("none", "dynamic", False), ("none", "static", False),
+    ("single", "none", False), ("single", "dynamic", False), ("single", "static", False),
+    ("double", "none", False), ("double", "dynamic", False), ("double", "static", False),
+    ("double", "dynamic", True), ("double", "static", True),
+]
+C, N, T = 64, 48, 12
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------- int_mm
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 5, 7), (17, 64, 8), (33, 288, 40), (5, 1152, 3)])
+def test_int_mm_equals_reference(m, k, n):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=_gen(m))
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=_gen(k))
+    exact = (a.long() @ w.long().T).to(torch.int32)
+    assert torch.equal(int_mm_reference(a, w), exact)
+    assert torch.equal(int_mm(a, w), exact)
+    assert torch.equal(_int_mm_padded(a, w), exact)  # the CUDA shape padding, checked on CPU
+
+
+def test_int_mm_rejects_bad_inputs():
+    a = torch.zeros(2, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8"):
+        int_mm(a.float(), a)
+    with pytest.raises(ValueError, match="K=4"):
+        int_mm(a, torch.zeros(3, 5, dtype=torch.int8))
+
+
+# ------------------------------------------------------------------------------------- packing, fold and split
+def test_int4_pack_unpack_exact():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # every 4-bit value at even and odd k
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(unpack_int4(packed), q)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(q[:, :3])
+
+
+@pytest.mark.parametrize("width,block,seed,taps", [(64, 32, None, 1), (64, 32, 7, 1), (48, 12, 3, 1),
+                                                   (24, "full", None, 9), (32, 8, 1, 4)])
+def test_fold_is_exact_integer_rotation(width, block, seed, taps):
+    """(W_int)·R_raw equals W·R·√n in float64, and the integer GEMM equals the rotated float product."""
+    spec = HadamardSpec(width, block, seed)
+    q = torch.randint(-128, 128, (5, width * taps), generator=_gen(1))
+    f = fold_hadamard_int(q, spec, taps)
+    r = rotation_matrix(spec) * math.sqrt(spec.order)  # (C, C) float64
+    ref = (q.double().reshape(5, width, taps).transpose(1, 2) @ r).transpose(1, 2).reshape(5, -1)
+    assert (f.double() - ref).abs().max() < 1e-9 and torch.equal(f, ref.round().long())
+    a = torch.randint(-128, 128, (7, width * taps), generator=_gen(2))
+    assert torch.equal(a @ f.T, (a.double() @ ref.T).round().long())
+
+
+def test_split_int8_digits_exact():
+    f = torch.tensor([[0, 127, -128, 128, -129, 4064, -4096, 32767, -32768, 100000]])
+    d = split_int8(f)
+    assert d.dtype == torch.int8 and d.shape[0] == 3
+    assert torch.equal(sum(d[p].long() * 256**p for p in range(d.shape[0])), f)
+    assert split_int8(torch.tensor([[5, -128, 127]])).shape[0] == 1
+
+
+def test_fold_overflow_is_split_and_small_weights_stay_one_digit():
+    spec = HadamardSpec(64, 32)
+    scale = torch.ones(4, 1)
+    wide = gemm_weight(torch.full((4, 64), 100, dtype=torch.int8), scale, None, spec)
+    assert wide.parts == 2 and wide.max_abs == 3200 and wide.digit_max_abs <= 128
+    small = gemm_weight(torch.randint(-2, 2, (4, 64), dtype=torch.int8), scale, None, HadamardSpec(64, 8))
+    assert small.parts == 1
+
+
+def test_fold_refuses_groups_that_split_hadamard_blocks():
+    scale = torch.rand(4, 4) + 0.5  # 4 groups of 16 < block 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gemm_weight(torch.zeros(4, 64, dtype=torch.int8), scale, None, HadamardSpec(64, 32))
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 2), (2, 2), (1, 1)),
+                                                    ((3, 1), (2, 1), (2, 1)), ((1, 1), (1, 1), (1, 1))])
+def test_im2col_matches_unfold(kernel, stride, dilation):
+    q = torch.randint(-128, 128, (2, 3, 9, 8), dtype=torch.int8, generator=_gen())
+    cols, (ho, wo) = im2col(q, kernel, stride, dilation)
+    ref = F.unfold(q.float(), kernel, dilation=dilation, stride=stride).transpose(1, 2).reshape(-1, cols.shape[1])
+    assert cols.dtype == torch.int8 and torch.equal(cols.float(), ref)
+    assert ref.shape[0] == 2 * ho * wo
+
+
+# ---------------------------------------------------------------------------------------- layer-level parity
+def _layer(kind: str, bits, knobs, dynamic=False, a_symmetric=True, seed=0, **extra) -> QuantLayer:
+    """One prepared + calibrated QuantLinear / QuantConv2d (inputs with a large channel mean, as HadaNorm targets)."""
+    rotation, center, normalize = knobs
+    torch.manual_seed(seed)
+    base = nn.Linear(C, N) if kind == "linear" else nn.Conv2d(C, N, 3, padding=1)
+    cfg = hqdm.QuantConfig(w_bits=bits[0], a_bits=bits[1], rotation=rotation, center=center, normalize=normalize,
+                           a_dynamic=dynamic, a_symmetric=a_symmetric, timestep_buckets=4, family="generic",
+                           **extra)
+    student, _ = hqdm.prepare(nn.Sequential(base), cfg)
+    hqdm.calibrate(student, [_batch(kind, s) for s in range(2)], progress=False)
+    return student[0]
+
+
+def _batch(kind: str, seed: int) -> dict:
+    g = _gen(seed)
+    shape = (4, T, C) if kind == "linear" else (4, C, 6, 6)
+    offset = torch.randn(C, generator=g) * 2
+    x = torch.randn(*shape, generator=g) + (offset if kind == "linear" else offset[:, None, None])
+    return {"x": x, "t": torch.randint(0, 1000, (4,), generator=g)}
+
+
+def _int_layer(layer: QuantLayer):
+    record, tensors = export_layer("layer", layer)
+    return (IntConv2d if record["kind"] == "conv2d" else IntLinear)("layer", record, tensors)
+
+
+def _compare(layer: QuantLayer, kind: str, seed: int = 7) -> float:
+    batch = _batch(kind, seed)
+    int_layer = _int_layer(layer)
+    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+        ref, out = layer(batch["x"]), int_layer(batch["x"])
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    return sqnr_db(out, ref).item()
+
+
+@pytest.mark.parametrize("bits", BITS.values(), ids=BITS.keys())
+@pytest.mark.parametrize("knobs", KNOBS, ids=["-".join(map(str, k)) for k in KNOBS])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_int_layer_matches_fake_quant_tables(kind, knobs, bits):
+    assert _compare(_layer(kind, bits, knobs), kind) > LAYER_SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("bits", BITS.values(), ids=BITS.keys())
+@pytest.mark.parametrize("knobs", KNOBS, ids=["-".join(map(str, k)) for k in KNOBS])
+def test_int_linear_matches_fake_quant_per_token(knobs, bits):
+    assert _compare(_layer("linear", bits, knobs, dynamic=True), "linear") > LAYER_SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("kind,dynamic", [("linear", False), ("linear", True), ("conv", False)])
+@pytest.mark.parametrize("rotation", ["none", "single", "double"])
+def test_int_layer_asymmetric_activations(kind, dynamic, rotation):
+    layer = _layer(kind, (4, 4), (rotation, "dynamic", False), dynamic=dynamic, a_symmetric=False)
+    assert _compare(layer, kind) > LAYER_SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("rotation", ["none", "single", "double"])
+def test_int_layer_asymmetric_group_weights(rotation):
+    """Asymmetric weights with per-group scales (zero points per group; single folds them into the weight)."""
+    layer = _layer("linear", (4, 8), (rotation, "none", False), w_granularity="group", w_group_size=32)
+    with torch.no_grad():
+        layer.w_quant.zero_point = nn.Parameter(torch.randint(-3, 4, layer.w_quant.scale.shape).float())
+        layer.w_quant.spec = type(layer.w_quant.spec)(**{**layer.w_quant.spec.to_dict(), "symmetric": False})
+    assert _compare(layer, "linear") > LAYER_SQNR_FLOOR_DB
+
+
+def test_conv_stride_dilation_and_reflect_padding():
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(C, N, 3, stride=2, padding=2, dilation=2),
+                 nn.Conv2d(C, N, 3, padding=1, padding_mode="reflect"), nn.Conv2d(C, N, 2, stride=2, bias=False)):
+        for center in ("none", "dynamic"):
+            cfg = hqdm.QuantConfig(w_bits=4, a_bits=8, center=center, timestep_buckets=4, family="generic")
+            student, _ = hqdm.prepare(nn.Sequential(conv), cfg)
+            hqdm.calibrate(student, [_batch("conv", s) for s in range(2)], progress=False)
+            assert _compare(student[0], "conv") > LAYER_SQNR_FLOOR_DB
+
+
+@pytest.mark.parametrize("correction_bits", [4, "float"])
+def test_correction_bits(correction_bits):
+    """W_c at 4 bits (stored two per byte) or in float, for dynamic centering."""
+    for kind in ("linear", "conv"):
+        layer = _layer(kind, (4, 8), ("double", "dynamic", True), correction_bits=correction_bits)
+        record, tensors = export_layer("layer", layer)
+        assert record["correction"]["stored"] == ("int4x2" if correction_bits == 4 else "float")
+        assert _compare(layer, kind) > LAYER_SQNR_FLOOR_DB
+
+
+def test_2d_linear_input_uses_static_mean():
+    """(B, C) inputs (timestep embeddings) have no token axis: dynamic centering falls back to the stored μ."""
+    layer = _layer("linear", (8, 8), ("double", "dynamic", True))
+    x = torch.randn(4, C) + 3
+    with torch.no_grad(), hqdm.timestep_context(torch.tensor([0, 300, 600, 900])):
+        assert sqnr_db(_int_layer(layer)(x), layer(x)).item() > LAYER_SQNR_FLOOR_DB
+
+
+def test_exported_integers_are_the_fake_quant_integers():
+    """dequantize(exported ints) is bit-identical to the fake-quantized weight the student trains with."""
+    for gran, group in (("channel", None), ("group", 16), ("tensor", None)):
+        layer = _layer("conv", (4, 8), ("double", "none", False), w_granularity=gran, w_group_size=group)
+        w = layer.effective_weight().detach()
+        q, s, z = quantize_weight(layer.w_quant, w)
+        groups = s.shape[1]
+        deq = dequantize(q.reshape(q.shape[0], groups, -1), s[..., None], None).reshape(w.shape)
+        assert torch.equal(deq, layer.w_quant(w).detach())
+
+
+def test_missing_timestep_context_is_a_clear_error():
+    int_layer = _int_layer(_layer("linear", (8, 8), ("single", "none", False)))
+    with pytest.raises(RuntimeError, match="timestep_context"):
+        int_layer(torch.randn(2, T, C))
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 5, 7), (16, 64, 8), (33, 288, 40), (257, 1152, 4608)])
+def test_int_mm_cuda_equals_reference(m, k, n):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=_gen(m))
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=_gen(k))
+    assert torch.equal(int_mm(a.cuda(), w.cuda()).cpu(), int_mm_reference(a, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_int_layer_cuda_matches_cpu(kind):
+    layer = _layer(kind, (4, 8), ("single", "dynamic", False))
+    int_layer, batch = _int_layer(layer), _batch(kind, 7)
+    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+        cpu = int_layer(batch["x"])
+        gpu = int_layer.cuda()(batch["x"].cuda()).cpu()
+    assert sqnr_db(gpu, cpu).item() > LAYER_SQNR_FLOOR_DB
