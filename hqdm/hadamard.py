@@ -7,7 +7,9 @@ is used, so the dense part of the transform stays small. A layer of width C rota
     R = diag(signs) · blockdiag(H_n/√n, ..., H_n/√n)       (C, C), orthonormal, C/n blocks
     rotate(x, spec) == x @ R                              along the channel axis
 
-`rotate` runs a Walsh–Hadamard butterfly for 2^k and a dense K×K matmul; `rotate_reference` is the plain matmul.
+`rotate` applies each block as a Kronecker product of dense factors of at most RADIX (one matmul for n <= RADIX;
+the Paley K×K and Sylvester 2^k factors of larger orders one after the other); `rotate_reference` is the plain
+(C, C) matmul.
 Widths with no construction raise a ValueError listing supported orders: the channel axis is never padded.
 """
 
@@ -29,6 +31,7 @@ __all__ = [
     "rotate_reference",
     "rotation_matrix",
     "signs",
+    "stages",
     "supported_orders",
 ]
 
@@ -248,7 +251,7 @@ class HadamardSpec:
 
     @property
     def factors(self) -> tuple[int, int]:
-        """(K, 2^k) with order = K·2^k: the dense factor and the butterfly size."""
+        """(K, 2^k) with order = K·2^k: the Paley factor and the Sylvester size."""
         return _factors(self.order)
 
     def to_dict(self) -> dict:
@@ -308,11 +311,28 @@ def _check_input(x: Tensor, spec: HadamardSpec, dim: int) -> None:
         )
 
 
+RADIX = 128
+"""Largest dense stage of the fast transform: orders up to this are one matmul, larger ones split into stages."""
+
+
+def stages(order: int) -> tuple[int, ...]:
+    """Sizes of the Kronecker factors the fast transform applies, H_n = H_{f1} ⊗ H_{f2} ⊗ ...: one factor while
+    n <= RADIX, else the Paley factor K (if any) and the Sylvester 2^k split into powers of two of at most RADIX."""
+    if order <= RADIX:
+        return (order,)
+    k, p = _factors(order)
+    out = [] if k == 1 else [k]
+    while p > 1:
+        out.append(min(p, RADIX))
+        p //= out[-1]
+    return tuple(out)
+
+
 @lru_cache(maxsize=64)
-def _dense_factor(k: int, n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """H_K/√n (its transpose for the inverse) in the compute dtype on device; cached, outside inference mode."""
+def _stage_matrix(size: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """H_size/√size (its transpose for the inverse) in the compute dtype on device; cached, outside inference mode."""
     with torch.inference_mode(False):
-        h = _base_matrix(k).to(torch.float64) / math.sqrt(n)  # (K, K)
+        h = hadamard_matrix(size).to(torch.float64) / math.sqrt(size)  # (f, f)
         return (h.T if inverse else h).to(device=device, dtype=dtype)
 
 
@@ -324,21 +344,26 @@ def _signs_on(spec: HadamardSpec, dtype: torch.dtype, device: torch.device) -> T
         return None if s is None else s.to(device=device, dtype=dtype)
 
 
-def _butterfly(h: Tensor) -> Tensor:
-    """h @ H_P along the last axis (Sylvester, unnormalized): log2(P) stages of H_2 on one index bit each."""
-    p, half = h.shape[-1], 1
-    while half < p:
-        a, b = h.unflatten(-1, (p // (2 * half), 2, half)).unbind(-2)  # (..., P/2h, h) each
-        h = torch.stack((a + b, a - b), dim=-2).flatten(-3)  # (..., P)
-        half *= 2
-    return h
+def _kron_apply(h: Tensor, sizes: tuple[int, ...], inverse: bool) -> Tensor:
+    """h @ (H_{f1} ⊗ ... ⊗ H_{fm}) / √n along the last axis of h (..., n): one dense matmul per factor, on its own
+    axis of the (..., f1, ..., fm) view (row-major: factor i acts on index digit i)."""
+    lead = h.shape[:-1]
+    h = h.reshape(*lead, *sizes)  # (..., f1, ..., fm)
+    for axis, size in enumerate(sizes):
+        m = _stage_matrix(size, inverse, h.dtype, h.device)  # (f, f)
+        pos = len(lead) + axis
+        h = (h.movedim(pos, -1) @ m).movedim(-1, pos)
+    return h.reshape(*lead, -1)
 
 
 def rotate(x: Tensor, spec: HadamardSpec, dim: int = -1, inverse: bool = False) -> Tensor:
     """Rotate the channel axis: `rotate(x, spec, dim) == x @ rotation_matrix(spec)` along dim (`@ R.T` if inverse).
 
-    Fast path: signs, a Walsh–Hadamard butterfly for the 2^k factor, a dense K×K matmul, one 1/√n scale. Half
-    precision inputs are computed in float32 and cast back once. Differentiable by plain autograd; any device.
+    Fast path: signs, then each Hadamard block as a mixed-radix Kronecker product (`stages`): a block of order
+    n <= RADIX is one dense (n, n) matmul (n multiply-adds per element, one BLAS call, which beats a radix-2
+    butterfly's log2(n) passes over memory); a larger order applies its factors — the dense Paley K×K and
+    Sylvester powers of two up to RADIX — one matmul each. Half precision inputs are computed in float32 and cast
+    back once. Differentiable by plain autograd; any device.
 
     Args:
         x: floating-point tensor with spec.width channels on axis dim.
@@ -353,19 +378,13 @@ def rotate(x: Tensor, spec: HadamardSpec, dim: int = -1, inverse: bool = False) 
         ValueError: if x is not floating point or x.shape[dim] != spec.width.
     """
     _check_input(x, spec, dim)
-    k, p = spec.factors
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     s = _signs_on(spec, dtype, x.device)
     h = x.movedim(dim, -1).to(dtype)  # (..., C)
     if s is not None and not inverse:
         h = h * s
-    h = _butterfly(h.unflatten(-1, (spec.width // spec.order, k, p)))  # (..., C/n, K, P)
-    if k == 1:
-        h = h * (1 / math.sqrt(spec.order))
-    else:
-        hk = _dense_factor(k, spec.order, inverse, dtype, x.device)  # (K, K)
-        h = torch.einsum("...ip,ij->...jp", h, hk)  # (..., C/n, K, P)
-    h = h.flatten(-3)  # (..., C)
+    blocks = h.unflatten(-1, (spec.width // spec.order, spec.order))  # (..., C/n, n)
+    h = _kron_apply(blocks, stages(spec.order), inverse).flatten(-2)  # (..., C)
     if s is not None and inverse:
         h = h * s
     return h.to(x.dtype).movedim(-1, dim)

@@ -1,6 +1,7 @@
 """Hadamard construction (exact), fast transform vs the plain-matmul reference (dtype-relative), the spec, errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -109,6 +110,30 @@ def test_fast_matches_reference(width, block, inverse, seed, layout, dtype):
         assert _err(f, e) <= 2 * _err(p, e) + floor * e.norm().item(), name
 
 
+@pytest.mark.parametrize(
+    "order, sizes",
+    [(32, (32,)), (72, (72,)), (128, (128,)), (1152, (36, 32)), (4608, (36, 128)), (3072, (12, 128, 2)),
+     (8192, (128, 64))],
+)
+def test_stages_factor_the_order(order, sizes):
+    """Up to RADIX one dense stage; beyond, the Paley factor and Sylvester powers of two of at most RADIX."""
+    assert hadamard.stages(order) == sizes
+    assert math.prod(sizes) == order and all(f <= hadamard.RADIX for f in sizes[1:])
+
+
+@pytest.mark.parametrize("width", [3072, 8192])
+def test_multi_stage_orders_match_reference(width):
+    """Orders of two and three stages: forward and backward within 2x torch's float32 matmul error."""
+    spec = HadamardSpec(width, "full", seed=5)
+    gen = torch.Generator().manual_seed(0)
+    x, upstream = torch.randn(3, width, generator=gen), torch.randn(3, width, generator=gen)
+    exact = _forward_backward(rotate_reference, x.double(), upstream.double(), spec, -1, False)
+    fast = _forward_backward(rotate, x, upstream, spec, -1, False)
+    plain = _forward_backward(rotate_reference, x, upstream, spec, -1, False)
+    for f, p, e in zip(fast, plain, exact):
+        assert _err(f, e) <= 2 * _err(p, e) + FP32_FLOOR * e.norm().item()
+
+
 @pytest.mark.parametrize("dim", [0, -2])
 def test_any_axis(dim):
     spec = HadamardSpec(20, "full", seed=3)
@@ -189,7 +214,7 @@ def test_signs_reproducible():
 
 
 def test_cache_built_in_inference_mode_still_supports_autograd():
-    hadamard._dense_factor.cache_clear()
+    hadamard._stage_matrix.cache_clear()
     hadamard._signs_on.cache_clear()
     spec = HadamardSpec(72, "full", seed=1)
     with torch.inference_mode():
