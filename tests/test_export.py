@@ -242,3 +242,47 @@ def test_missing_file(broken):
     (broken / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_int(broken)
+
+
+# ------------------------------------------------------------------------------- sampling the exported digits model
+SAMPLE_PSNR_FLOOR_DB = 30.0
+"""Final images of the integer model against the fake-quant model's, same seeds, 10 DDIM steps: rounding flips
+from float32 summation order compound over the steps (32-47 dB measured on the digits teachers, PTQ)."""
+SAMPLE_MARGIN_DB = 5.0
+"""... and the export moves the images less than quantization itself does: int-vs-fake-quant PSNR exceeds the fake
+quant model's PSNR against the FP teacher by this much (7-20 dB measured)."""
+
+
+@pytest.mark.parametrize(
+    "asset, bits, method",
+    [("digits_dit", "W4A4", "hqdm"), ("digits_dit", "W4A4", "hadanorm"), ("digits_unet", "W4A4", "hqdm"),
+     ("digits_unet", "W4A8", "hadanorm")],
+)
+def test_exported_digits_model_samples_like_the_fake_quant_model(asset, bits, method, tmp_path):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from hqdm.data.digits import load_digits_tensors
+    from hqdm.trainers.evaluation import draw, image_fidelity
+    from hqdm.trainers.module import class_info
+    from hqdm.trainers.source import load_pretrained, resolve_path
+
+    folder = resolve_path(f"hqdm:{asset}")
+    teacher = load_pretrained(folder).eval()
+    x0, y = load_digits_tensors(16)
+    g, noising = torch.Generator().manual_seed(0), DDPMScheduler()
+    batches = []
+    for _ in range(4):
+        i, t = torch.randint(0, len(y), (32,), generator=g), torch.randint(0, 1000, (32,), generator=g)
+        batches.append({"x": noising.add_noise(x0[i], torch.randn(32, 1, 16, 16, generator=g), t), "t": t, "y": y[i]})
+    student = _student(teacher, batches, **CONFIGS[bits], **METHODS[method])
+    export(student, tmp_path / "int", calibration_batches=batches[:1])
+    integer = load_int(tmp_path / "int")
+    adapter = get_adapter(teacher)
+    _, null = class_info(teacher, adapter)
+    labels, scheduler = torch.arange(8) % 10, DDIMScheduler.from_pretrained(folder)
+    images = {name: draw(m, adapter, scheduler, labels, (1, 16, 16), 10, 1.0, null, seed=0)
+              for name, m in (("int", integer), ("fake_quant", student), ("teacher", teacher))}
+    export_psnr = image_fidelity(images["int"], images["fake_quant"])["psnr_db"]
+    quant_psnr = image_fidelity(images["fake_quant"], images["teacher"])["psnr_db"]
+    assert export_psnr >= SAMPLE_PSNR_FLOOR_DB, (export_psnr, quant_psnr)
+    assert export_psnr >= quant_psnr + SAMPLE_MARGIN_DB, (export_psnr, quant_psnr)
