@@ -55,8 +55,9 @@ def fold_hadamard_int(w: Tensor, spec: HadamardSpec, taps: int = 1) -> Tensor:
     v = w.to(torch.float64).reshape(rows, c, taps)  # (N, C, T)
     s = signs(spec)
     if s is not None:
-        v = v * s[:, None]
-    v = v.transpose(1, 2).reshape(rows, taps, c // n, n) @ hadamard_matrix(n).to(torch.float64)  # (N, T, C/n, n)
+        v = v * s.to(w.device)[:, None]
+    h = hadamard_matrix(n).to(device=w.device, dtype=torch.float64)  # (n, n)
+    v = v.transpose(1, 2).reshape(rows, taps, c // n, n) @ h  # (N, T, C/n, n)
     return v.reshape(rows, taps, c).transpose(1, 2).reshape(rows, c * taps).round().to(torch.int64)
 
 

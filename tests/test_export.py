@@ -286,3 +286,25 @@ def test_exported_digits_model_samples_like_the_fake_quant_model(asset, bits, me
     quant_psnr = image_fidelity(images["fake_quant"], images["teacher"])["psnr_db"]
     assert export_psnr >= SAMPLE_PSNR_FLOOR_DB, (export_psnr, quant_psnr)
     assert export_psnr >= quant_psnr + SAMPLE_MARGIN_DB, (export_psnr, quant_psnr)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["dit", "unet"])
+def test_export_from_cuda_equals_export_from_cpu(model, tiny_dit, tiny_unet, tmp_path):
+    """A student on CUDA exports (parity on CUDA) the same integers as on CPU, and loads and runs on CUDA."""
+    batches = make_batches()
+    student = _student(tiny_dit if model == "dit" else tiny_unet, batches, w_bits=4, a_bits=4)
+    export(student, tmp_path / "cpu")
+    cuda_batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+    export(student.cuda(), tmp_path / "cuda", calibration_batches=cuda_batches)
+    cpu_t, cuda_t = load_file(tmp_path / "cpu" / WEIGHTS_FILE), load_file(tmp_path / "cuda" / WEIGHTS_FILE)
+    assert set(cpu_t) == set(cuda_t)
+    ints = [k for k, v in cpu_t.items() if not v.is_floating_point()]
+    assert ints and all(torch.equal(cpu_t[k], cuda_t[k]) for k in ints)
+    held_out = {k: v.cuda() for k, v in make_batches(1, 4, seed=11)[0].items()}
+    out = _predict(load_int(tmp_path / "cuda", device="cuda"), held_out)
+    ref = _predict(student, held_out)
+    hqdm.set_quantizers_enabled(student, False)
+    fp = _predict(student, held_out)
+    assert out.is_cuda and sqnr_db(out, fp).item() > sqnr_db(ref, fp).item() - PREDICTION_MARGIN_DB
