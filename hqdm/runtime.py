@@ -306,7 +306,13 @@ class IntLinear(IntLayer):
 
 
 class IntConv2d(IntLayer):
-    """nn.Conv2d replacement: pad, center, σ, Hadamard, int8 activations, im2col, integer GEMM, float epilogue."""
+    """nn.Conv2d replacement: pad, center, σ, Hadamard, int8 activations, im2col, integer GEMM, float epilogue.
+
+    The GEMM reads its columns from the int8 input in channels-last order, K = (group, kh, kw, c) with c running
+    over the input channels of one weight group, because that im2col copies runs of contiguous channels instead of
+    gathering single bytes; the weight's K axis is permuted to match once, at load. Weight groups that split a
+    channel's taps (G not dividing C) keep PyTorch's (c, kh, kw) order and `im2col`.
+    """
 
     channel_dim = 1
 
@@ -315,9 +321,21 @@ class IntConv2d(IntLayer):
         mod = record["module"]
         self.kernel_size, self.stride = tuple(mod["kernel_size"]), tuple(mod["stride"])
         self.dilation, self.pad_amounts, self.pad_mode = tuple(mod["dilation"]), tuple(mod["pad"]), mod["pad_mode"]
+        groups, channels = self.w_ints.shape[0], mod["in_channels"]
+        self.channels_last = channels % groups == 0
+        if self.channels_last:
+            kh, kw = self.kernel_size
+            w = self.w_ints.unflatten(2, (channels // groups, kh, kw))  # (G, P·N, C/G, kh, kw)
+            self.w_ints = w.permute(0, 1, 3, 4, 2).reshape(self.w_ints.shape).contiguous()  # K: (kh, kw, C/G)
 
     def pad(self, x: Tensor) -> Tensor:
         return F.pad(x, self.pad_amounts, mode=self.pad_mode) if any(self.pad_amounts) else x
+
+    def columns(self, q: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """im2col rows (B·Ho·Wo, K) of the padded int8 input in the weight's K order."""
+        if not self.channels_last:
+            return im2col(q, self.kernel_size, self.stride, self.dilation)
+        return im2col_channels_last(q, self.kernel_size, self.stride, self.dilation, self.w_ints.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         h32 = x.float()
@@ -325,12 +343,20 @@ class IntConv2d(IntLayer):
         mu = self.mean(h32)  # of the unpadded input, as in QuantConv2d
         h = self.pad(self.pre_quant(h32, None)) if mu is None else self.pre_quant(self.pad(h32), mu)
         q, s, za = self.quantize_act(h)  # (B, C, Hp, Wp) int8; padding zeros became z_a
-        cols, (ho, wo) = im2col(q, self.kernel_size, self.stride, self.dilation)  # (B·L, K)
+        cols, (ho, wo) = self.columns(q)  # (B·L, K)
         rows = ho * wo
         za = None if za is None else za.reshape(b).repeat_interleave(rows)
         y = self.matmul(cols, za) * s.reshape(b).repeat_interleave(rows)[:, None]  # (B·L, N)
         y = self.epilogue(y.reshape(b, rows, -1), mu)  # (B, L, N)
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2).to(x.dtype)  # (B, N, Ho, Wo)
+
+
+def _patches(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+             h: int, w: int) -> Tensor:
+    """Strided views of the kernel windows over axes h and w of q: two new trailing axes (kh, kw)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    p = q.unfold(h, dh * (kh - 1) + 1, sh)[..., ::dh]
+    return p.unfold(w, dw * (kw - 1) + 1, sw)[..., ::dw]
 
 
 def im2col(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
@@ -339,11 +365,24 @@ def im2col(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation
     Equals `F.unfold(q, kernel, dilation, 0, stride).transpose(1, 2)` rows, built from strided views because
     F.unfold has no int8 kernel; the only copy is the final int8 reshape.
     """
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    p = q.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # (B, C, Ho, W, kh)
-    p = p.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (B, C, Ho, Wo, kh, kw)
-    b, c, ho, wo = p.shape[:4]
+    p = _patches(q, kernel, stride, dilation, 2, 3)  # (B, C, Ho, Wo, kh, kw)
+    b, c, ho, wo, kh, kw = p.shape
     return p.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw), (ho, wo)
+
+
+def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                         groups: int = 1):
+    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, K), K in (g, i, j, c) order.
+
+    The channels are split into `groups` equal runs; row k = ((g·kh + i)·kw + j)·(C/groups) + c holds input channel
+    g·C/groups + c at kernel tap (i, j). Read from the channels-last copy of q (free when q is channels-last in
+    memory already, as the rotated input is), so the final copy moves runs of C/groups contiguous bytes.
+    """
+    nhwc = q.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+    p = _patches(nhwc, kernel, stride, dilation, 1, 2)  # (B, Ho, Wo, C, kh, kw)
+    b, ho, wo, c, kh, kw = p.shape
+    p = p.unflatten(3, (groups, c // groups)).permute(0, 1, 2, 3, 5, 6, 4)  # (B, Ho, Wo, G, kh, kw, C/G)
+    return p.reshape(b * ho * wo, c * kh * kw), (ho, wo)
 
 
 def _tensor(name: str, record: dict, tensors: dict[str, Tensor], role: str) -> Tensor | None:

@@ -17,7 +17,15 @@ from hqdm.hadamard import HadamardSpec, rotation_matrix
 from hqdm.int_matmul import _int_mm_padded, int_mm, int_mm_reference
 from hqdm.layers import QuantLayer
 from hqdm.quant_primitives import dequantize, pack_int4, unpack_int4
-from hqdm.runtime import IntConv2d, IntLinear, fold_hadamard_int, gemm_weight, im2col, split_int8
+from hqdm.runtime import (
+    IntConv2d,
+    IntLinear,
+    fold_hadamard_int,
+    gemm_weight,
+    im2col,
+    im2col_channels_last,
+    split_int8,
+)
 from hqdm.sampling import sqnr_db
 
 LAYER_SQNR_FLOOR_DB = 80.0
@@ -111,6 +119,28 @@ def test_im2col_matches_unfold(kernel, stride, dilation):
     ref = F.unfold(q.float(), kernel, dilation=dilation, stride=stride).transpose(1, 2).reshape(-1, cols.shape[1])
     assert cols.dtype == torch.int8 and torch.equal(cols.float(), ref)
     assert ref.shape[0] == 2 * ho * wo
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 2), (2, 2), (1, 1)),
+                                                    ((3, 1), (2, 1), (2, 1)), ((1, 1), (1, 1), (1, 1))])
+def test_im2col_channels_last_is_a_permutation_of_unfold(kernel, stride, dilation, groups):
+    """Column ((g·kh + i)·kw + j)·(C/G) + c is PyTorch's column (g·C/G + c)·kh·kw + i·kw + j."""
+    q = torch.randint(-128, 128, (2, 8, 9, 8), dtype=torch.int8, generator=_gen())
+    cols, (ho, wo) = im2col_channels_last(q, kernel, stride, dilation, groups)
+    ref, _ = im2col(q, kernel, stride, dilation)
+    kh, kw = kernel
+    order = torch.arange(8 * kh * kw).reshape(groups, 8 // groups, kh, kw).permute(0, 2, 3, 1).reshape(-1)
+    assert cols.dtype == torch.int8 and cols.shape == ref.shape == (2 * ho * wo, 8 * kh * kw)
+    assert torch.equal(cols, ref[:, order])
+
+
+@pytest.mark.parametrize("group_size,channels_last", [(9 * 16, True), (64, False)])
+def test_conv_group_weights_in_both_column_orders(group_size, channels_last):
+    """Weight groups of whole channels read channels-last columns; groups that split a channel's taps do not."""
+    layer = _layer("conv", (4, 8), ("double", "dynamic", False), w_granularity="group", w_group_size=group_size)
+    assert _int_layer(layer).channels_last is channels_last
+    assert _compare(layer, "conv") > LAYER_SQNR_FLOOR_DB
 
 
 # ---------------------------------------------------------------------------------------- layer-level parity
