@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,15 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("fit", "validate", "test", "predict", "export", "sample", "report"))
+
+
+def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
+    """DDP (gloo, two processes): rank 0 alone draws the sample grids, so nothing collective may run there only."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    args = ["fit", "--config", "tiny.yaml", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.max_steps", "4"]
+    done = subprocess.run([sys.executable, "-m", "hqdm.trainers.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    assert list((run / "checkpoints").glob("*step=4.ckpt")) and len(list((run / "samples").glob("*.png"))) == 2

@@ -82,6 +82,7 @@ class EvaluationSteps:
         ev, d = self.evaluation, self.diffusion
         shape = self.adapter.input_shape(self.student)
         latent = shape[0] not in (1, 3)
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, before rank 0 draws alone
         if ev.num_samples == 0 or not self.trainer.is_global_zero or (latent and ev.vae is None):
             return {}
         labels = grid_labels(ev.num_samples, self.num_classes, self.device)
@@ -92,7 +93,7 @@ class EvaluationSteps:
             panels.insert(0, self._to_pixels(self._teacher_samples(args)))
             captions.insert(0, "teacher (FP)")
             metrics = {f"{stage}/sample_{k}": v for k, v in image_fidelity(panels[1], panels[0]).items()}
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir, "samples",
+        path = Path(log_dir or self.trainer.default_root_dir, "samples",
                     f"{stage}_step{self.global_step:06d}.png")
         save_grid(panels, str(path), labels=captions)
         log_image(self.logger, f"{stage}/samples", path, self.global_step)
