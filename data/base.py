@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def check_positive(name: str, value: int) -> None:
@@ -71,11 +71,67 @@ class ArrowRows(Dataset):
         return {key: row[column] for column, key in self.keys.items()}
 
 
+class EpochShuffle(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch) alone, so a resumed run draws every epoch's order again.
+
+    Lightning calls `set_epoch` at the start of every epoch (as for a DistributedSampler); iterated without it,
+    every pass repeats epoch 0's order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position inside the epoch is saved in checkpoints, so a mid-epoch resume continues there.
+
+    Lightning saves `state_dict()` with every checkpoint and calls `load_state_dict` before the resumed epoch's
+    first batch; the batches the interrupted run had already trained on are then drawn and dropped once.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded, self._resume = 0, None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        state, self._resume = self._resume, None
+        skip = 0
+        if state is not None and state["epoch"] == self._epoch() and state["batches"] < len(self):
+            skip = state["batches"]  # the same epoch, stopped inside it (a finished epoch resumes with the next)
+        for _ in range(skip):
+            next(batches)
+        self._yielded = skip
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {"epoch": self._epoch(), "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        self._resume = {"epoch": state.get("epoch"), "batches": int(state["batches"])}
+
+
 class SplitDataModule(LightningDataModule):
     """Base datamodule: subclasses fill ``train_set`` / ``val_set`` in ``setup``; this class serves the loaders.
 
-    The train loader shuffles with a generator seeded by ``seed`` (Lightning swaps in a ``DistributedSampler``
-    under DDP); the val, test and predict loaders all read the validation split in order.
+    The train loader shuffles each epoch by (``seed``, epoch) and resumes mid-epoch (`EpochShuffle`,
+    `ResumableLoader`; Lightning wraps the sampler for DDP); the val, test and predict loaders all read the
+    validation split in order.
     """
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:
@@ -106,11 +162,10 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} is not set up; call prepare_data() and setup() first.")
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hqdm import QuantConfig, set_quantizers_enabled
 from hqdm.calibrate import is_calibrated
@@ -122,6 +123,26 @@ def test_resume_restores_every_quantizer_state_and_the_optimizer(tmp_path, monke
     assert table.shape == (hadanorm.timestep_buckets,)
     assert _same(capture.optimizer, saved["optimizer_states"][0])
     assert capture.optimizer["state"], "Adam moments must have been saved and restored"
+
+
+def test_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Resumed from the checkpoint after 3 of an epoch's ~200 steps: the same batches, noise, timesteps and label
+    dropout as the uninterrupted run, so the weights and every quantizer state end bit-identical."""
+    torch.manual_seed(0)
+    full = tiny_module()
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path, max_steps=6, limit_val_batches=0, enable_checkpointing=True, callbacks=[every_3]).fit(
+        full, digits())
+    mid = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    saved = torch.load(mid, weights_only=False)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
+    torch.manual_seed(0)
+    resumed = tiny_module()
+    trainer(tmp_path, max_steps=6, limit_val_batches=0).fit(resumed, digits(), ckpt_path=mid)
+    want, got = full.student.state_dict(), resumed.student.state_dict()
+    assert want.keys() == got.keys() and not _same(saved["state_dict"], want)
+    for key, value in want.items():
+        assert _same(got[key], value), key
 
 
 def test_disabled_quantizers_match_the_teacher_in_train_mode():

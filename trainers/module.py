@@ -362,8 +362,14 @@ class DistillModule(EvaluationSteps, LightningModule):
         feat = feature_mse(s_feats, t_feats)
         return out + self.loss_options.feature_weight * feat, {"output_mse": out, "feature_mse": feat}
 
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of one training step's timesteps, noise and label dropout: seeded by the run's seed
+        (`seed_everything`), the global step and the rank, so a resumed run draws what the uninterrupted one did."""
+        seed = (torch.initial_seed() + 1_000_003 * self.global_step + 7919 * self.global_rank) % 2**63
+        return torch.Generator(device=device).manual_seed(seed)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        inputs = self.model_inputs(batch)
+        inputs = self.model_inputs(batch, self.step_generator(next(iter(batch.values())).device))
         loss, parts = self.compute_loss(inputs)
         n = inputs["x_t"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
