@@ -54,6 +54,18 @@ def test_fast_dev_run_calibrates_trains_and_draws_grids(source, tmp_path):
     assert list((tmp_path / "samples").glob("val_step*.png"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fit_on_cuda_with_real_data(precision, tmp_path):
+    """Real-data QAT on one GPU: noise, timesteps and label dropout drawn by a CUDA step generator."""
+    module = tiny_module(label_dropout=0.5)
+    t = trainer(tmp_path, accelerator="gpu", devices=1, precision=precision, max_steps=3, limit_val_batches=1)
+    t.fit(module, digits())
+    assert module.device.type == "cuda" and module.teacher is not None
+    assert next(module.teacher.parameters()).device.type == "cuda"
+    assert torch.isfinite(t.callback_metrics["train/loss"]) and "val/sqnr_db" in t.callback_metrics
+
+
 def test_fp_run_trains_without_a_teacher(tmp_path):
     module = tiny_module(quant=None)
     assert module.teacher is None
