@@ -58,11 +58,17 @@ def test_fast_dev_run_calibrates_trains_and_draws_grids(source, tmp_path):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fit_on_cuda_with_real_data(precision, tmp_path):
     """Real-data QAT on one GPU: noise, timesteps and label dropout drawn by a CUDA step generator."""
-    module = tiny_module(label_dropout=0.5)
-    t = trainer(tmp_path, accelerator="gpu", devices=1, precision=precision, max_steps=3, limit_val_batches=1)
+
+    class Devices(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            teacher = next(pl_module.teacher.parameters())
+            self.seen = {pl_module.device.type, teacher.device.type, batch["x"].device.type}
+
+    module, devices = tiny_module(label_dropout=0.5), Devices()
+    t = trainer(tmp_path, accelerator="gpu", devices=1, precision=precision, max_steps=3, val_check_interval=3,
+                limit_val_batches=1, callbacks=[devices])
     t.fit(module, digits())
-    assert module.device.type == "cuda" and module.teacher is not None
-    assert next(module.teacher.parameters()).device.type == "cuda"
+    assert devices.seen == {"cuda"}  # Lightning moves the module back to the CPU when fit ends
     assert torch.isfinite(t.callback_metrics["train/loss"]) and "val/sqnr_db" in t.callback_metrics
 
 
