@@ -360,7 +360,7 @@ def rotate(x: Tensor, spec: HadamardSpec, dim: int = -1, inverse: bool = False) 
     """Rotate the channel axis: `rotate(x, spec, dim) == x @ rotation_matrix(spec)` along dim (`@ R.T` if inverse).
 
     Fast path: signs, then each Hadamard block as a mixed-radix Kronecker product (`stages`): a block of order
-    n <= RADIX is one dense (n, n) matmul (n multiply-adds per element, one BLAS call, which beats a radix-2
+    n <= RADIX is one dense (n, n) matmul (n multiply-adds per element in one BLAS call, instead of a radix-2
     butterfly's log2(n) passes over memory); a larger order applies its factors — the dense Paley K×K and
     Sylvester powers of two up to RADIX — one matmul each. Half precision inputs are computed in float32 and cast
     back once. Differentiable by plain autograd; any device.

@@ -374,7 +374,7 @@ def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, 
                          groups: int = 1):
     """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, K), K in (g, i, j, c) order.
 
-    The channels are split into `groups` equal runs; row k = ((g·kh + i)·kw + j)·(C/groups) + c holds input channel
+    The channels are split into `groups` equal runs; column ((g·kh + i)·kw + j)·(C/groups) + c holds input channel
     g·C/groups + c at kernel tap (i, j). Read from the channels-last copy of q (free when q is channels-last in
     memory already, as the rotated input is), so the final copy moves runs of C/groups contiguous bytes.
     """

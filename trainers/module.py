@@ -369,7 +369,7 @@ class DistillModule(EvaluationSteps, LightningModule):
         return torch.Generator(device=device).manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        inputs = self.model_inputs(batch, self.step_generator(next(iter(batch.values())).device))
+        inputs = self.model_inputs(batch, self.step_generator(self.device))
         loss, parts = self.compute_loss(inputs)
         n = inputs["x_t"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
