@@ -36,28 +36,13 @@ t1=$(date +%s)
 
 python3 - <<'PY'
 # The errors test_layers.py bounds (REL_L2), printed: HadaNorm W8A8 layers, CUDA vs the float32 CPU layer.
-import copy, sys, torch
+import sys, torch
 sys.path.insert(0, "tests")
-import test_layers as t
+from test_layers import device_dtype_errors
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 for kind in ("linear", "conv"):
     for dtype in (torch.float32, torch.bfloat16):
-        mod = t.float_linear() if kind == "linear" else t.float_conv("3x3_pad1")
-        cls = t.QuantLinear if kind == "linear" else t.QuantConv2d
-        cfg = t.layer_config("double", "dynamic", True, a_bits=8, w_bits=8)
-        q = cls.from_float(mod, cfg)
-        x = t.offset_input((3, 7, t.C_IN) if kind == "linear" else (2, t.C_IN, 9, 10), q.channel_dim)
-        t.with_statistics(q, x)
-        q.w_quant.init_from_weight(q.weight)
-        res = {}
-        for name, dev, dt in (("ref", "cpu", torch.float32), ("cuda", "cuda", dtype)):
-            m = cls.from_float(copy.deepcopy(mod).to(dev, dt), cfg)
-            m.load_state_dict(q.state_dict())
-            xi = x.detach().to(dev, dt).clone().requires_grad_()
-            y = m(xi)
-            y.float().square().mean().backward()
-            res[name] = (y.detach().float().cpu(), xi.grad.float().cpu())
-        fwd, bwd = (((res["cuda"][i] - res["ref"][i]).norm() / res["ref"][i].norm()).item() for i in range(2))
+        fwd, bwd = device_dtype_errors(kind, "cuda", dtype)
         print(f"layer {kind} cuda {dtype}: rel L2 forward {fwd:.2e} backward {bwd:.2e}")
 PY
 
