@@ -91,7 +91,7 @@ def speed(model, int_model, batch: dict, reps: int) -> tuple[float, float]:
         return lambda: adapter.predict(m, batch["x"], batch["t"], batch["y"])
 
     fp, it = [], []
-    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+    with torch.no_grad():
         run(model)(), run(int_model)()
         for _ in range(reps):
             fp += timed(run(model), 1)

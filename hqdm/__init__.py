@@ -2,12 +2,12 @@
 
 from hqdm.calibrate import calibrate
 from hqdm.config import LayerQuantConfig, QuantConfig, QuantizerSpec, Rule
-from hqdm.context import timestep_context
 from hqdm.export import export
 from hqdm.layers import set_quantizers_enabled
 from hqdm.prepare import prepare
 from hqdm.report import quant_report
 from hqdm.runtime import load_int
+from hqdm.timesteps import use_timesteps
 
 __all__ = [
     "LayerQuantConfig",
@@ -20,5 +20,5 @@ __all__ = [
     "prepare",
     "quant_report",
     "set_quantizers_enabled",
-    "timestep_context",
+    "use_timesteps",
 ]

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hqdm.adapters import Adapter, get_adapter
-from hqdm.context import timestep_context
 from hqdm.layers import QuantLayer, set_quantizers_enabled
 from hqdm.quant_primitives import MSE_GRID, range_to_qparams
 
@@ -61,9 +60,7 @@ class LayerStats:
 def forward_batch(model: nn.Module, batch, adapter: Adapter) -> Tensor:
     """Run one batch: a dict {x, t, y?, context?} through the adapter, or a tensor / tuple straight into the model."""
     if isinstance(batch, dict):
-        t = batch["t"]
-        with timestep_context(t):
-            return adapter.predict(model, batch["x"], t, batch.get("y"), batch.get("context"))
+        return adapter.predict(model, batch["x"], batch["t"], batch.get("y"), batch.get("context"))
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)

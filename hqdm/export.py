@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hqdm import qlayer
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import forward_batch
-from hqdm.fake_quantizer import _EPS, FakeQuantizer
+from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.layers import QuantConv2d, QuantLayer, layer_config_to_dict, set_quantizers_enabled
+from hqdm.metrics import SQNRSum
 from hqdm.prepare import quant_layers
-from hqdm.quant_primitives import pack_int4, quantize
-from hqdm.runtime import DIGIT_BASE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, gemm_weight, load_int
+from hqdm.runtime import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, load_int
+from hqdm.timesteps import timesteps_of, use_timesteps
 
 PARITY_LAYER_SQNR_DB = 40.0
 """Per layer on identical inputs both paths hold the same integers; only float32 summation order (~1e-6) differs."""
@@ -150,54 +152,35 @@ def export_layer(name: str, layer: QuantLayer) -> tuple[dict, dict[str, Tensor]]
     """
     _check_layer(name, layer)
     cfg, conv = layer.config, isinstance(layer, QuantConv2d)
-    with torch.no_grad():
-        w = layer.effective_weight().detach()
-        q, w_scale, w_zero = quantize_weight(layer.w_quant, w)  # (N, K), (N|1, G), (N|1, G)
-        n, k = q.shape
-        taps = k // layer.in_width
-        try:
-            gw = gemm_weight(q, w_scale, w_zero, layer.hadamard if cfg.rotation == "single" else None, taps)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from err
-        packed = _packs(cfg.w.bits, q)
-        roles = {"w_int": pack_int4(q) if packed else q, "w_scale": w_scale, "w_zero": w_zero}
-        roles.update(_act_tensors(layer))
-        roles.update(_center_tensors(layer, conv))
+    st = layer.state()
+    try:
+        gw = st.gemm_weight()
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from err
+    n, k = st.w_int.shape
+    roles = {"w_int": qlayer.store_ints(st.w_bits, st.w_int), "w_scale": st.w_scale, "w_zero": st.w_zero,
+             "a_scale": st.a_scale, "a_zero": st.a_zero, "bias": st.bias, "mu": st.mu, "sigma": st.sigma,
+             "c_int": None if st.c_int is None else qlayer.store_ints(st.c_bits, st.c_int), "c_scale": st.c_scale,
+             "c_weight": st.c_weight}
     record = {
-        "kind": "conv2d" if conv else "linear",
+        "kind": st.kind,
         "module": _module_record(layer, conv),
         "config": layer_config_to_dict(cfg),
-        "weight": {"shape": [n, k], "full_shape": list(w.shape), "layout": "[N, K] row-major, K contiguous",
-                   "storage": "int4x2" if packed else "int8", "scale_shape": list(w_scale.shape)},
+        "weight": {"shape": [n, k], "full_shape": list(st.full_shape), "layout": "[N, K] row-major, K contiguous",
+                   "storage": "int4x2" if qlayer.packs_int4(st.w_bits, st.w_int) else "int8",
+                   "scale_shape": list(st.w_scale.shape)},
         "act": _act_record(layer),
         "hadamard": layer.hadamard_dict(),
         "fold": None if cfg.rotation != "single" else {
             "op": "(W_int - z_w) @ R_raw, R_raw = diag(signs) @ blockdiag(H_order), entries +-1",
-            "at": "load", "parts": gw.parts, "base": DIGIT_BASE, "max_abs": gw.max_abs,
+            "at": "load", "parts": gw.parts, "base": qlayer.DIGIT_BASE, "max_abs": gw.max_abs,
             "scale": "w_scale / sqrt(order)"},
         "correction": _correction_record(cfg, roles),
-        "taps": taps,
+        "taps": st.taps,
         "accumulator": _accumulator(name, layer, gw, k),
         "tensors": {role: f"{name}.{role}" for role, t in roles.items() if t is not None},
     }
     return record, {f"{name}.{role}": t.detach().cpu().contiguous() for role, t in roles.items() if t is not None}
-
-
-def quantize_weight(fq: FakeQuantizer, w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The integers a weight quantizer's fake quantization uses: int8 (N, K), scales and zero points (N|1, G)."""
-    v = w.reshape(w.shape[0], -1)  # (N, K): the quantizer's canonical view
-    if fq.spec.granularity == "group":
-        v = v.reshape(v.shape[0], -1, fq.spec.group_size)  # (N, K/g, g)
-    scale, zero = fq.qparams(v)
-    q = quantize(v, scale, zero, fq.spec.qmin, fq.spec.qmax).reshape(w.shape[0], -1)
-    groups = v.shape[1] if v.dim() == 3 else 1
-    scale = scale.reshape(-1, groups).float()
-    return q, scale, None if zero is None else zero.round().reshape(-1, groups).to(torch.int32)
-
-
-def _packs(bits, q: Tensor) -> bool:
-    """Integers of at most 4 bits are stored two per byte (pack_int4), when K is even."""
-    return bits != "float" and bits <= 4 and q.shape[1] % 2 == 0
 
 
 def _check_layer(name: str, layer: QuantLayer) -> None:
@@ -224,15 +207,6 @@ def _check_layer(name: str, layer: QuantLayer) -> None:
         raise ValueError(f"layer {name!r}: its activation scales are not calibrated; run hqdm.calibrate first.")
 
 
-def _act_tensors(layer: QuantLayer) -> dict[str, Tensor | None]:
-    q = layer.a_quant
-    if q.spec.dynamic:
-        return {}
-    scale = q.scale.detach().abs().clamp_min(_EPS).float()  # (buckets,), as FakeQuantizer.qparams reads it
-    zero = None if q.zero_point is None else q.zero_point.detach().round().to(torch.int32)
-    return {"a_scale": scale, "a_zero": zero}
-
-
 def _act_record(layer: QuantLayer) -> dict:
     q = layer.a_quant
     return {"mode": "token" if q.spec.dynamic else "table", "bits": q.spec.bits, "symmetric": q.spec.symmetric,
@@ -240,34 +214,12 @@ def _act_record(layer: QuantLayer) -> dict:
             "table_shape": None if q.spec.dynamic else list(q.scale.shape)}
 
 
-def _center_tensors(layer: QuantLayer, conv: bool) -> dict[str, Tensor | None]:
-    """bias (with μ·W_cᵀ folded in for static centering), μ, σ, and W_c for dynamic centering."""
-    cfg, bias = layer.config, layer.bias
-    out = {"bias": None if bias is None else bias.detach().clone()}
-    if cfg.center == "none":
-        return out
-    out["mu"] = layer.mu.detach().clone()
-    if cfg.normalize:
-        out["sigma"] = layer.sigma.detach().clone()
-    if cfg.center == "static":
-        wc = layer.correction_weight().detach().double()
-        wc = wc.sum(dim=(2, 3)) if conv else wc  # (N, C): Σ over taps
-        folded = layer.mu.double() @ wc.T + (0.0 if bias is None else bias.double())
-        out["bias"] = folded.to(layer.weight.dtype)  # float64, cast once
-    elif layer.c_quant is None:
-        out["c_weight"] = layer.original_weight().detach().reshape(layer.weight.shape[0], -1)
-    else:
-        q, out["c_scale"], _ = quantize_weight(layer.c_quant, layer.original_weight().detach())
-        out["c_int"] = pack_int4(q) if _packs(cfg.correction_bits, q) else q
-    return out
-
-
 def _correction_record(cfg, roles: dict) -> dict | None:
     if cfg.center == "none":
         return None
     if cfg.center == "static":
         stored = "folded_into_bias"
-    elif "c_weight" in roles:
+    elif roles["c_weight"] is not None:
         stored = "float"
     else:
         stored = "int4x2" if roles["c_int"].dtype == torch.uint8 else "int8"
@@ -409,12 +361,14 @@ def check_parity(student: nn.Module, path: str | Path, batches, family: str = "a
     int_model = load_int(path, device=device)
     adapter = get_adapter(student, family)
     layers = quant_layers(student)
-    sums = {name: [0.0, 0.0] for name in layers}
-    outs = {"int_vs_fq": [0.0, 0.0], "int_vs_fp": [0.0, 0.0], "fq_vs_fp": [0.0, 0.0]}
+    sums = {name: SQNRSum() for name in layers}
+    outs = {"int_vs_fq": SQNRSum(), "int_vs_fp": SQNRSum(), "fq_vs_fp": SQNRSum()}
 
     def hook(name):
         def fn(mod, args, out):
-            _accumulate(sums[name], int_model.get_submodule(name)(args[0]), out)
+            twin = int_model.get_submodule(name)
+            with use_timesteps(twin, timesteps_of(student).t):  # the student's call is in progress
+                sums[name].add(twin(args[0]), out)
         return fn
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
@@ -427,14 +381,14 @@ def check_parity(student: nn.Module, path: str | Path, batches, family: str = "a
             for batch in batches:
                 fq.append(forward_batch(student, batch, adapter))
                 ints.append(forward_batch(int_model, batch, adapter))
-                _accumulate(outs["int_vs_fq"], ints[-1], fq[-1])
+                outs["int_vs_fq"].add(ints[-1], fq[-1])
             for h in handles:
                 h.remove()
             set_quantizers_enabled(student, False)
             for batch, ref, out in zip(batches, fq, ints):
                 fp = forward_batch(student, batch, adapter)
-                _accumulate(outs["int_vs_fp"], out, fp)
-                _accumulate(outs["fq_vs_fp"], ref, fp)
+                outs["int_vs_fp"].add(out, fp)
+                outs["fq_vs_fp"].add(ref, fp)
     finally:
         for h in handles:
             h.remove()
@@ -444,29 +398,19 @@ def check_parity(student: nn.Module, path: str | Path, batches, family: str = "a
     return _parity_verdict(sums, outs, len(batches))
 
 
-def _accumulate(acc: list[float], x: Tensor, ref: Tensor) -> None:
-    ref64 = ref.detach().double()
-    acc[0] += float(ref64.square().sum())
-    acc[1] += float((x.detach().double() - ref64).square().sum())
-
-
-def _sqnr(acc: list[float]) -> float:
-    return math.inf if acc[1] == 0 else 10 * math.log10(max(acc[0], 1e-300) / acc[1])
-
-
 def _db(v: float) -> float | str:
     """A JSON-safe dB figure: rounded, or "inf" where the two paths agree exactly."""
     return round(v, 2) if math.isfinite(v) else "inf"
 
 
 def _parity_verdict(sums: dict, outs: dict, n_batches: int) -> dict:
-    per_layer = {name: _sqnr(s) for name, s in sums.items()}
+    per_layer = {name: s.db for name, s in sums.items()}
     worst = min(per_layer, key=per_layer.get)
-    int_db, fq_db = _sqnr(outs["int_vs_fp"]), _sqnr(outs["fq_vs_fp"])
+    int_db, fq_db = outs["int_vs_fp"].db, outs["fq_vs_fp"].db
     bound = fq_db - PARITY_OUTPUT_MARGIN_DB
     figures = {
         "int_vs_float_db": _db(int_db), "fake_quant_vs_float_db": _db(fq_db), "output_bound_db": _db(bound),
-        "int_vs_fake_quant_db": _db(_sqnr(outs["int_vs_fq"])), "worst_layer": worst,
+        "int_vs_fake_quant_db": _db(outs["int_vs_fq"].db), "worst_layer": worst,
         "worst_layer_sqnr_db": _db(per_layer[worst]), "layer_bound_db": PARITY_LAYER_SQNR_DB, "batches": n_batches,
         "layer_sqnr_db": {k: _db(v) for k, v in per_layer.items()},
     }

@@ -8,7 +8,8 @@ Scales live in a canonical view of the tensor:
                                      (B, T, C/g, g)  granularity='group'
 
 Static activation scales are a table of `timestep_buckets` entries; each sample reads the entry of its own
-timestep from `hqdm.timestep_context`.
+timestep, which the prepared model takes from its own call (`hqdm.timesteps`). The forward has no `.item()`,
+no `bool(tensor)` and no per-call Python state, so it traces into one graph under `torch.compile`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hqdm.config import QuantizerSpec
-from hqdm.context import current_timesteps, timestep_buckets
+from hqdm.qlayer import learned_scale, table_qparams, weight_qparams, weight_view
 from hqdm.quant_primitives import MSE_GRID, fake_quantize, mse_search, range_to_qparams
+from hqdm.timesteps import Timesteps
 
 Role = Literal["weight", "act"]
-_EPS = 1e-8
 
 
 class FakeQuantizer(nn.Module):
@@ -64,6 +65,11 @@ class FakeQuantizer(nn.Module):
             self.scale = nn.Parameter(torch.ones(entry))
             self.zero_point = None if spec.symmetric else nn.Parameter(torch.zeros(entry))
         self.register_buffer("initialized", torch.tensor(spec.dynamic))
+        self.ready = spec.dynamic
+        """Python mirror of the `initialized` buffer (kept in step on load), read by forward without a sync."""
+        self.timesteps = Timesteps()
+        """Where the per-sample timesteps come from: the model's shared `Timesteps` once `prepare` attached it."""
+        self.register_load_state_dict_post_hook(_sync_ready)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -84,8 +90,7 @@ class FakeQuantizer(nn.Module):
     def _view(self, x: Tensor) -> Tensor:
         g = self.spec.group_size
         if self.role == "weight":
-            v = x.reshape(x.shape[0], -1)  # (N, K)
-            return v.reshape(v.shape[0], -1, g) if g else v  # (N, K/g, g)
+            return weight_view(x, g)
         v = x.movedim(self.channel_dim, -1)
         v = v.reshape(v.shape[0], -1, v.shape[-1])  # (B, T, C)
         return v.reshape(*v.shape[:2], -1, g) if g else v  # (B, T, C/g, g)
@@ -113,9 +118,6 @@ class FakeQuantizer(nn.Module):
             "group": lambda e: e.reshape(e.shape[0], 1, -1, 1),
         }[self.spec.granularity](entry)
 
-    def _weight_scale(self, p: Tensor) -> Tensor:
-        return p.reshape(-1, 1) if self.spec.granularity != "group" else p.unsqueeze(-1)
-
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -131,36 +133,25 @@ class FakeQuantizer(nn.Module):
                 dims = self._dynamic_dims(v)
                 lo, hi = v.amin(dim=dims, keepdim=True), v.amax(dim=dims, keepdim=True)
                 return range_to_qparams(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
-        if not bool(self.initialized):
+        if not self.ready:
             raise RuntimeError(
                 f"This static {self.role} quantizer is not calibrated yet: run hqdm.calibrate(model, batches) "
                 "first, or use dynamic scales (a_dynamic=True)."
             )
-        scale, zp = self.scale.abs().clamp_min(_EPS), self.zero_point
         if self.role == "weight":
-            return self._weight_scale(scale), None if zp is None else self._weight_scale(zp)
+            return weight_qparams(self.scale, self.zero_point, self.spec.granularity == "group")
         idx = self.bucket_index(v.shape[0], v.device)
-        return self._broadcast_entry(scale[idx]), None if zp is None else self._broadcast_entry(zp[idx])
+        scale, zp = table_qparams(self.scale, self.zero_point, idx)
+        return self._broadcast_entry(scale), None if zp is None else self._broadcast_entry(zp)
 
     def bucket_index(self, batch: int, device: torch.device) -> Tensor:
-        """(B,) table entry of each sample, from the enclosing timestep context."""
-        buckets = self.spec.timestep_buckets
-        t = current_timesteps()
-        if t is None:
-            if buckets > 1:
-                raise RuntimeError(
-                    f"This activation quantizer keeps {buckets} per-timestep scales but no timestep is set: run the "
-                    "model inside `with hqdm.timestep_context(t):` (t: the (B,) timesteps of the batch)."
-                )
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(
-                f"timestep_context holds {t.numel()} timesteps but this layer sees a batch of {batch}; set one "
-                "timestep per sample of the batch the model is called with (repeat it for guidance batches)."
-            )
-        return timestep_buckets(t, buckets, self.num_train_timesteps).to(device)
+        """(B,) table entry of each sample, from the timesteps of the model's call."""
+        return self.timesteps.buckets(batch, self.spec.timestep_buckets, self.num_train_timesteps, device,
+                                      "This activation quantizer")
+
+    def table(self) -> tuple[Tensor, Tensor | None]:
+        """The per-timestep table as the forward reads it: step sizes |s| ≥ EPS (buckets, *entry), zero points."""
+        return learned_scale(self.scale.detach()), None if self.zero_point is None else self.zero_point.detach()
 
     # ---- initialization -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,6 +168,7 @@ class FakeQuantizer(nn.Module):
         if self.zero_point is not None:
             self.zero_point.copy_(z.reshape(self.zero_point.shape))
         self.initialized.fill_(True)
+        self.ready = True
 
     @torch.no_grad()
     def observe_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,6 +198,7 @@ class FakeQuantizer(nn.Module):
         if self.zero_point is not None and zero_point is not None:
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
         self.initialized.fill_(True)
+        self.ready = True
 
     @torch.no_grad()
     def resample_timesteps(self, buckets: int) -> None:
@@ -227,3 +220,8 @@ class FakeQuantizer(nn.Module):
         self.scale = nn.Parameter(resize(self.scale.data))
         if self.zero_point is not None:
             self.zero_point = nn.Parameter(resize(self.zero_point.data).round())
+
+
+def _sync_ready(module: FakeQuantizer, incompatible_keys) -> None:
+    """After load_state_dict: the Python flag follows the loaded `initialized` buffer."""
+    module.ready = bool(module.initialized)

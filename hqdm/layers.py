@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hqdm import qlayer
 from hqdm.config import LayerQuantConfig, QuantizerSpec
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.hadamard import HadamardSpec, rotate
@@ -72,27 +73,12 @@ class QuantLayer(nn.Module):
     # ---- the transformed input ------------------------------------------------------------------------------
     def mean(self, x: Tensor) -> Tensor | None:
         """μ broadcastable against x: per sample over tokens/pixels (dynamic) or the calibrated vector."""
-        if self.config.center == "none":
-            return None
-        spatial = [d for d in range(1, x.dim()) if d != x.dim() + self.channel_dim and d != self.channel_dim]
-        if self.config.center == "dynamic" and spatial:
-            return x.mean(dim=spatial, keepdim=True)  # (B, 1, C) or (B, C, 1, 1)
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        return self.mu.to(x.dtype).reshape(shape)
-
-    def rotate_in(self, h: Tensor) -> Tensor:
-        """Center / normalize / rotate: the tensor the activation quantizer sees."""
-        return h if self.hadamard is None else rotate(h, self.hadamard, dim=self.channel_dim)
+        return qlayer.center_mean(x, self.config.center, self.channel_dim, self.mu)
 
     def pre_quant(self, x: Tensor, mu: Tensor | None) -> Tensor:
         """((x − μ)/σ)·H: the tensor the activation quantizer sees."""
-        h = x if mu is None else x - mu
-        if self.config.normalize:
-            shape = [1] * x.dim()
-            shape[self.channel_dim] = -1
-            h = h / self.sigma.to(x.dtype).reshape(shape)
-        return self.rotate_in(h)
+        sigma = self.sigma if self.config.normalize else None
+        return qlayer.transform_input(x, mu, sigma, self.hadamard, self.channel_dim)
 
     def act_input(self, x: Tensor) -> Tensor:
         """What the activation quantizer sees for layer input `x` (used by calibration)."""
@@ -157,6 +143,35 @@ class QuantLayer(nn.Module):
         """W_c: the weight in its own basis at correction_bits, per output channel."""
         w = self.original_weight()
         return w if self.c_quant is None else self.c_quant(w)
+
+    # ---- the frozen description (export) ----------------------------------------------------------------------
+    @torch.no_grad()
+    def state(self) -> qlayer.LayerState:
+        """This layer's quantization state as `hqdm.qlayer.LayerState` (LoRA merged, integers of the weight)."""
+        cfg, w = self.config, self.effective_weight().detach()
+        w_int, w_scale, w_zero = _ints_of(self.w_quant, w)
+        a, dynamic = self.a_quant, self.a_quant.spec.dynamic
+        a_scale, a_zero = (None, None) if dynamic else a.table()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        c_int = c_scale = c_weight = None
+        if cfg.center == "static":
+            bias = qlayer.static_center_bias(self.mu, self.correction_weight(), bias)
+        elif cfg.center == "dynamic" and self.c_quant is None:
+            c_weight = self.original_weight().detach().reshape(w.shape[0], -1)
+        elif cfg.center == "dynamic":
+            c_int, c_scale, _ = _ints_of(self.c_quant, self.original_weight().detach())
+        return qlayer.LayerState(
+            kind="conv2d" if isinstance(self, QuantConv2d) else "linear", channel_dim=self.channel_dim,
+            center=cfg.center, normalize=cfg.normalize, rotation=cfg.rotation, hadamard=self.hadamard,
+            w_bits=self.w_quant.spec.bits, w_int=w_int, w_scale=w_scale, w_zero=w_zero, a_bits=a.spec.bits,
+            a_symmetric=a.spec.symmetric, a_mode="token" if dynamic else "table",
+            timestep_buckets=a.spec.timestep_buckets, num_train_timesteps=a.num_train_timesteps,
+            a_scale=None if a_scale is None else a_scale.float(),
+            a_zero=None if a_zero is None else a_zero.round().to(torch.int32), bias=bias,
+            mu=None if cfg.center == "none" else self.mu.detach().clone(),
+            sigma=self.sigma.detach().clone() if cfg.normalize else None,
+            c_bits=cfg.correction_bits if cfg.center == "dynamic" else None, c_int=c_int, c_scale=c_scale,
+            c_weight=c_weight, full_shape=tuple(w.shape), taps=w_int.shape[1] // self.in_width)
 
     # ---- offline folding (float64) --------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,9 +296,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         if mu is None:
             return self.conv(self.transform_input(x, None), self.quant_weight(), self.bias, padded=False)
         y = self.conv(self.transform_input(self.pad(x), mu), self.quant_weight(), self.bias, padded=True)
-        correction = F.linear(mu.flatten(1),
-                              self.correction_weight().sum(dim=(2, 3)))  # (B, N): μ·W_c summed over taps
-        return y + correction[:, :, None, None]
+        correction = qlayer.correction_term(mu, qlayer.taps_summed(self.correction_weight()), self.channel_dim)
+        return y + correction[:, :, None, None]  # (B|1, N, 1, 1)
 
     def to_float(self) -> nn.Conv2d:
         """A plain nn.Conv2d with the weight in its own basis (quantization dropped)."""
@@ -294,6 +308,13 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         if self.bias is not None:
             conv.bias.data.copy_(self.bias.detach())
         return conv
+
+
+def _ints_of(fq: FakeQuantizer, w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The integers a weight quantizer's fake quantization of `w` uses: int8 (N, K), scales, zero points (N|1, G)."""
+    g = fq.spec.group_size
+    scale, zero = fq.qparams(qlayer.weight_view(w, g))
+    return qlayer.weight_ints(w, scale, zero, g, fq.spec.qmin, fq.spec.qmax)
 
 
 def _load_float(q: QuantLayer, mod: nn.Module) -> QuantLayer:

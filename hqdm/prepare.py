@@ -11,6 +11,7 @@ from hqdm.adapters import Adapter, get_adapter
 from hqdm.config import LayerQuantConfig, QuantConfig, apply_rule
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.layers import QuantConv2d, QuantLayer, QuantLinear
+from hqdm.timesteps import attach_timesteps
 
 _SWAPPABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 _MHA_PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -86,7 +87,8 @@ def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> tup
         inplace: modify `model` itself; by default a deep copy is prepared and `model` stays the FP teacher.
 
     Returns:
-        (student, report): the quantized model and a readable report of what was swapped and how.
+        (student, report): the quantized model and a readable report of what was swapped and how. The student
+        reads its timesteps from its own call (`student(x, timestep=t, ...)`, see `hqdm.timesteps`).
 
     Raises:
         ValueError: a user rule that matches no layer, or a layer whose width the Hadamard block cannot cover.
@@ -103,6 +105,7 @@ def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> tup
         if new is not None:
             _set_submodule(student, name, new)
     report.float_modules = _float_leftovers(student)
+    attach_timesteps(student, adapter.timestep_call)
     return student, report
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,10 +12,11 @@ from torch import Tensor, nn
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import forward_batch
 from hqdm.layers import QuantLayer
+from hqdm.metrics import SQNRSum
 
 
 def _db(signal: float, noise: float) -> float:
-    return math.inf if noise == 0 else 10.0 * math.log10(max(signal, 1e-300) / noise)
+    return SQNRSum(signal, noise).db
 
 
 @dataclass

@@ -17,235 +17,91 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hqdm.context import current_timesteps, timestep_buckets
-from hqdm.hadamard import HadamardSpec, hadamard_matrix, rotate, signs
+from hqdm import qlayer
+from hqdm.adapters import get_adapter
+from hqdm.hadamard import HadamardSpec
 from hqdm.int_matmul import int_mm
-from hqdm.quant_primitives import quantize, range_to_qparams, unpack_int4
+from hqdm.quant_primitives import quantize
+from hqdm.timesteps import Timesteps, attach_timesteps
 
 FORMAT = "hqdm-int"
 FORMAT_VERSION = 1
 """Version of the export directory format; load_int reads exactly this version."""
 CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE = "config.json", "hqdm_quant.json", "model.safetensors"
-DIGIT_BASE = 256
-"""Base of the int8 digits a folded weight is split into (balanced digits in [-128, 127])."""
-
-
-# ------------------------------------------------------------------------------------------ integer weight algebra
-def fold_hadamard_int(w: Tensor, spec: HadamardSpec, taps: int = 1) -> Tensor:
-    """Exact integer `W·R_raw` along the channel axis, R_raw = diag(signs)·blockdiag(H_n) (entries ±1).
-
-    Args:
-        w: integer (N, C·taps), channel-major as PyTorch flattens conv weights.
-        spec: the rotation; spec.width == C.
-        taps: kernel taps kh·kw (1 for Linear).
-
-    Returns:
-        int64 (N, C·taps). Computed by a float64 matmul, exact because every partial sum is an integer far below
-        2^53 (at most n·2^9 for int8 weights with zero points).
-    """
-    rows, c, n = w.shape[0], spec.width, spec.order
-    v = w.to(torch.float64).reshape(rows, c, taps)  # (N, C, T)
-    s = signs(spec)
-    if s is not None:
-        v = v * s.to(w.device)[:, None]
-    h = hadamard_matrix(n).to(device=w.device, dtype=torch.float64)  # (n, n)
-    v = v.transpose(1, 2).reshape(rows, taps, c // n, n) @ h  # (N, T, C/n, n)
-    return v.reshape(rows, taps, c).transpose(1, 2).reshape(rows, c * taps).round().to(torch.int64)
-
-
-def split_int8(f: Tensor) -> Tensor:
-    """Balanced base-256 int8 digits D (P, ...) of an integer tensor: f == Σ_p D[p]·256^p, P as small as possible."""
-    digits, rest = [], f.to(torch.int64)
-    while rest.numel() and (rest.min() < -128 or rest.max() > 127):
-        low = torch.remainder(rest + 128, DIGIT_BASE) - 128
-        digits.append(low)
-        rest = torch.div(rest - low, DIGIT_BASE, rounding_mode="floor")
-    return torch.stack([*digits, rest]).to(torch.int8)
-
-
-def _constant_over_blocks(v: Tensor, spec: HadamardSpec, taps: int) -> bool:
-    """True when v (rows, C·taps) is constant over each Hadamard block of n channels at every tap."""
-    blocks = v.reshape(v.shape[0], spec.width // spec.order, spec.order, taps)  # (rows, C/n, n, T)
-    return bool((blocks == blocks[:, :, :1]).all())
-
-
-@dataclass
-class GemmWeight:
-    """The weight as the GEMM consumes it: int8 digits per K-group, dequant scales, zero points, column sums."""
-
-    ints: Tensor
-    """int8 (G, P·N, K/G): digit p of output n is row p·N + n; contiguous per group."""
-    scale: Tensor
-    """float32 (N or 1, G): dequant scale per output channel and group (1/√n folded in for rotation='single')."""
-    zero: Tensor | None
-    """int64 (N or 1, G) zero points of the GEMM weight, or None (symmetric, or absorbed by the fold)."""
-    colsum: Tensor
-    """int64 (N, G): Σ_k over each group of the weight the GEMM multiplies (digits combined)."""
-    parts: int
-    """P, the number of int8 digits (1 unless a fold widened the range)."""
-    max_abs: int
-    """Largest |entry| of the combined integer weight (before the digit split)."""
-
-    @property
-    def digit_max_abs(self) -> int:
-        """Largest |entry| the GEMM sees, which bounds the int32 accumulator."""
-        return int(self.ints.abs().max()) if self.ints.numel() else 0
-
-
-def gemm_weight(q: Tensor, scale: Tensor, zero: Tensor | None, fold: HadamardSpec | None = None,
-                taps: int = 1) -> GemmWeight:
-    """Prepare stored weight integers for `int_mm`: fold Rᵀ (rotation='single'), split into digits, group along K.
-
-    Args:
-        q: integer (N, K) weight in its stored layout.
-        scale: (N or 1, G) float scales, constant over each of G equal groups of K.
-        zero: (N or 1, G) integer zero points, or None.
-        fold: the layer's Hadamard spec to fold (rotation='single'), or None.
-        taps: kernel taps kh·kw (K = C·taps).
-
-    Raises:
-        ValueError: a fold over scales that change inside a Hadamard block (cannot stay exact in integers).
-    """
-    n_out, k = q.shape
-    groups = scale.shape[1]
-    w = q.to(torch.int64)
-    zero = None if zero is None else zero.to(torch.int64)
-    scale = scale.to(torch.float32)
-    if fold is not None:
-        per_elem = scale.expand(n_out, groups).repeat_interleave(k // groups, dim=1)  # (N, K)
-        z_elem = None if zero is None else zero.expand(n_out, groups).repeat_interleave(k // groups, dim=1)
-        if not _constant_over_blocks(per_elem, fold, taps) or (
-                z_elem is not None and not _constant_over_blocks(z_elem, fold, taps)):
-            raise ValueError(
-                f"rotation='single' folds Rᵀ (Hadamard blocks of {fold.order} channels) into the integer weight, "
-                f"which is exact only where the weight scale is constant over each block; the {groups} weight "
-                f"groups of K={k} split blocks. Fix: a weight group size that is a multiple of {fold.order}·taps, "
-                "per-channel weight scales, or rotation='double'."
-            )
-        w = fold_hadamard_int(w if z_elem is None else w - z_elem, fold, taps)
-        scale, zero = (scale.double() / math.sqrt(fold.order)).float(), None
-    digits = split_int8(w)  # (P, N, K)
-    parts, gs = digits.shape[0], k // groups
-    ints = digits.reshape(parts, n_out, groups, gs).permute(2, 0, 1, 3).reshape(groups, parts * n_out, gs)
-    colsum = w.reshape(n_out, groups, gs).sum(-1)  # (N, G)
-    max_abs = int(w.abs().max()) if w.numel() else 0
-    return GemmWeight(ints.contiguous(), scale, zero, colsum, parts, max_abs)
-
-
-def unpack_weight(stored: Tensor) -> Tensor:
-    """Stored weight integers -> int8 (N, K): int4 packed two per byte (uint8) or plain int8."""
-    return unpack_int4(stored) if stored.dtype == torch.uint8 else stored
 
 
 # ------------------------------------------------------------------------------------------------ the layers
 class IntLayer(nn.Module):
-    """Shared state of IntLinear / IntConv2d: transform, activation quantizer, integer GEMM, epilogue."""
+    """Shared state of IntLinear / IntConv2d: transform, activation quantizer, integer GEMM, epilogue.
+
+    Built from a `hqdm.qlayer.LayerState`; every step calls the functions of `hqdm.qlayer` that the fake-quant
+    layer calls, so the two paths compute one definition.
+    """
 
     channel_dim = -1
 
-    def __init__(self, name: str, record: dict, tensors: dict[str, Tensor]) -> None:
+    def __init__(self, name: str, state: qlayer.LayerState, fold: dict | None = None) -> None:
         super().__init__()
-        self.name, self.record = name, record
-        cfg, act, wrec = record["config"], record["act"], record["weight"]
-        self.rotation, self.center, self.normalize = cfg["rotation"], cfg["center"], cfg["normalize"]
-        self.hadamard = None if record["hadamard"] is None else HadamardSpec.from_dict(record["hadamard"])
-        self.w_bits, self.a_bits = cfg["w"]["bits"], act["bits"]
-        self.a_mode, self.a_symmetric = act["mode"], act["symmetric"]
-        self.a_qmin, self.a_qmax = -(2 ** (act["bits"] - 1)), 2 ** (act["bits"] - 1) - 1
-        self.buckets, self.num_train_timesteps = act["timestep_buckets"], act["num_train_timesteps"]
-        get = lambda role: _tensor(name, record, tensors, role)  # noqa: E731
-        n, k = wrec["shape"]
-        q = unpack_weight(get("w_int"))
-        if tuple(q.shape) != (n, k):
-            raise ValueError(f"layer {name!r}: stored weight unpacks to {tuple(q.shape)}, manifest says {(n, k)}.")
-        fold = self.hadamard if self.rotation == "single" else None
-        gw = gemm_weight(q, get("w_scale"), get("w_zero"), fold, record.get("taps", 1))
-        if record["fold"] is not None and (gw.parts, gw.max_abs) != (record["fold"]["parts"],
-                                                                      record["fold"]["max_abs"]):
+        self.name = name
+        self.rotation, self.center, self.normalize = state.rotation, state.center, state.normalize
+        self.hadamard = state.hadamard
+        self.w_bits, self.a_bits, self.a_mode, self.a_symmetric = (state.w_bits, state.a_bits, state.a_mode,
+                                                                   state.a_symmetric)
+        self.a_qmin, self.a_qmax = state.a_qrange
+        self.buckets, self.num_train_timesteps = state.timestep_buckets, state.num_train_timesteps
+        self.timesteps = Timesteps()
+        """The model's shared timesteps once `load_int` attached them (`hqdm.timesteps`)."""
+        gw = state.gemm_weight()
+        if fold is not None and (gw.parts, gw.max_abs) != (fold["parts"], fold["max_abs"]):
             raise ValueError(
                 f"layer {name!r}: the folded weight has {gw.parts} digits and max |w| {gw.max_abs}, the manifest "
-                f"records {record['fold']['parts']} and {record['fold']['max_abs']}; the files come from an "
-                "incompatible hqdm version or were edited. Re-export."
+                f"records {fold['parts']} and {fold['max_abs']}; the files come from an incompatible hqdm version "
+                "or were edited. Re-export."
             )
+        n = state.w_int.shape[0]
         self.parts, self.out_width = gw.parts, n
         self.register_buffer("w_ints", gw.ints)
         self.register_buffer("w_scale", gw.scale)
         self.register_buffer("w_zero", gw.zero)
         self.register_buffer("w_colsum", gw.colsum)
-        digits = DIGIT_BASE ** torch.arange(gw.parts, dtype=torch.float64)  # (P,)
+        digits = qlayer.DIGIT_BASE ** torch.arange(gw.parts, dtype=torch.float64)  # (P,)
         scale = (digits[None, :, None] * gw.scale.T.double()[:, None, :]).float()  # (G, P, N|1)
         self.register_buffer("digit_scale", scale.expand(-1, -1, n).contiguous() if gw.parts > 1 else None)
-        self.register_buffer("a_scale", get("a_scale"))
-        self.register_buffer("a_zero", None if get("a_zero") is None else get("a_zero").to(torch.int64))
-        self.register_buffer("bias", get("bias"))
-        self.register_buffer("mu", get("mu"))
-        self.register_buffer("sigma", get("sigma"))
-        self.register_buffer("c_weight", _correction_weight(get, record))
+        self.register_buffer("a_scale", state.a_scale)
+        self.register_buffer("a_zero", None if state.a_zero is None else state.a_zero.to(torch.int64))
+        self.register_buffer("bias", state.bias)
+        self.register_buffer("mu", state.mu)
+        self.register_buffer("sigma", state.sigma)
+        self.register_buffer("c_weight", state.correction_summed())
 
     def extra_repr(self) -> str:
         acts = "per-token" if self.a_mode == "token" else f"{self.buckets} timestep buckets"
         return (f"W{self.w_bits}A{self.a_bits} ({acts}), rotation={self.rotation}, "
                 f"center={self.center}, normalize={self.normalize}, weight digits={self.parts}")
 
-    # ---- input transform (the same operations, in the same order, as QuantLayer.pre_quant) -------------------
-    def _shape(self, x: Tensor) -> list[int]:
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        return shape
-
+    # ---- input transform and activation quantization (hqdm.qlayer) -------------------------------------------
     def mean(self, x: Tensor) -> Tensor | None:
-        """μ broadcastable against x: the per-sample token / pixel mean (dynamic) or the stored vector."""
-        if self.center == "none":
-            return None
-        spatial = [d for d in range(1, x.dim()) if d != x.dim() + self.channel_dim and d != self.channel_dim]
-        if self.center == "dynamic" and spatial:
-            return x.mean(dim=spatial, keepdim=True)
-        return self.mu.reshape(self._shape(x))
+        return qlayer.center_mean(x, self.center, self.channel_dim, self.mu)
 
     def pre_quant(self, x: Tensor, mu: Tensor | None) -> Tensor:
-        """((x − μ)/σ)·R: the tensor that is quantized."""
-        h = x if mu is None else x - mu
-        if self.normalize:
-            h = h / self.sigma.reshape(self._shape(x))
-        return h if self.hadamard is None else rotate(h, self.hadamard, dim=self.channel_dim)
-
-    # ---- activation quantization ----------------------------------------------------------------------------
-    def bucket_index(self, batch: int, device: torch.device) -> Tensor:
-        """(B,) table entry of each sample from the enclosing `hqdm.timestep_context`."""
-        t = current_timesteps()
-        if t is None:
-            if self.buckets > 1:
-                raise RuntimeError(
-                    f"Layer {self.name!r} keeps {self.buckets} per-timestep activation scales but no timestep is "
-                    "set: run the model inside `with hqdm.timestep_context(t):` (t: the (B,) timesteps)."
-                )
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        t = t.expand(batch) if t.numel() == 1 else t
-        if t.numel() != batch:
-            raise ValueError(
-                f"timestep_context holds {t.numel()} timesteps but layer {self.name!r} sees a batch of {batch}; "
-                "set one timestep per sample (repeat it for guidance batches)."
-            )
-        return timestep_buckets(t, self.buckets, self.num_train_timesteps).to(device)
+        return qlayer.transform_input(x, mu, self.sigma, self.hadamard, self.channel_dim)
 
     def quantize_act(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """int8 h, and per-sample (table) or per-token (B, T, 1) scales and integer zero points."""
         if self.a_mode == "token":  # h: (B, T, C)
-            s, z = range_to_qparams(h.amin(-1, keepdim=True), h.amax(-1, keepdim=True), self.a_qmin, self.a_qmax,
-                                    self.a_symmetric)
+            s, z = qlayer.token_qparams(h, self.a_qmin, self.a_qmax, self.a_symmetric)
         else:
-            idx = self.bucket_index(h.shape[0], h.device)
+            idx = self.timesteps.buckets(h.shape[0], self.buckets, self.num_train_timesteps, h.device,
+                                         f"Layer {self.name!r}")
+            s, z = qlayer.table_qparams(self.a_scale, self.a_zero, idx)
             view = (-1,) + (1,) * (h.dim() - 1)
-            s = self.a_scale[idx].reshape(view)
-            z = None if self.a_zero is None else self.a_zero[idx].reshape(view)
+            s, z = s.reshape(view), None if z is None else z.reshape(view)
         return quantize(h, s, z, self.a_qmin, self.a_qmax), s, None if z is None else z.round().to(torch.int64)
 
     # ---- integer GEMM and epilogue --------------------------------------------------------------------------
@@ -262,27 +118,19 @@ class IntLayer(nn.Module):
             else:
                 if p > 1:
                     acc = sum(acc[:, i * n:(i + 1) * n].long() << (8 * i) for i in range(p))  # (M, N) int64
-                part = self._remove_zero_points(acc.long(), ag, za, g).float() * self.w_scale[:, g]
+                zw = None if self.w_zero is None else self.w_zero[:, g]
+                rowsum = None if zw is None else ag.sum(1, dtype=torch.int64)
+                acc = qlayer.remove_zero_points(acc.long(), rowsum, gs, za, zw, self.w_colsum[:, g])
+                part = acc.float() * self.w_scale[:, g]
             y = part if y is None else y + part
         return y
-
-    def _remove_zero_points(self, acc: Tensor, a: Tensor, za: Tensor | None, g: int) -> Tensor:
-        """Σ(a − z_a)(w − z_w) = Σaw − z_a·Σw − z_w·Σa + K·z_a·z_w, all in int64."""
-        if za is not None:
-            acc = acc - za[:, None] * self.w_colsum[:, g]
-        if self.w_zero is not None:
-            zw = self.w_zero[:, g]
-            acc = acc - a.sum(1, dtype=torch.int64)[:, None] * zw
-            if za is not None:
-                acc = acc + a.shape[1] * za[:, None] * zw
-        return acc
 
     def epilogue(self, y: Tensor, mu: Tensor | None) -> Tensor:
         """+ bias + μ·W_cᵀ (dynamic centering; static centering is already in the bias); y: (B, T, N)."""
         if self.bias is not None:
             y = y + self.bias
         if self.c_weight is not None and mu is not None:
-            y = y + (mu.reshape(-1, mu.shape[self.channel_dim]) @ self.c_weight.T)[:, None, :]  # (B|1, 1, N)
+            y = y + qlayer.correction_term(mu, self.c_weight, self.channel_dim)[:, None, :]  # (B|1, 1, N)
         return y
 
 
@@ -316,9 +164,8 @@ class IntConv2d(IntLayer):
 
     channel_dim = 1
 
-    def __init__(self, name: str, record: dict, tensors: dict[str, Tensor]) -> None:
-        super().__init__(name, record, tensors)
-        mod = record["module"]
+    def __init__(self, name: str, state: qlayer.LayerState, fold: dict | None, mod: dict) -> None:
+        super().__init__(name, state, fold)
         self.kernel_size, self.stride = tuple(mod["kernel_size"]), tuple(mod["stride"])
         self.dilation, self.pad_amounts, self.pad_mode = tuple(mod["dilation"]), tuple(mod["pad"]), mod["pad_mode"]
         groups, channels = self.w_ints.shape[0], mod["in_channels"]
@@ -385,32 +232,49 @@ def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, 
     return p.reshape(b * ho * wo, c * kh * kw), (ho, wo)
 
 
-def _tensor(name: str, record: dict, tensors: dict[str, Tensor], role: str) -> Tensor | None:
-    key = record["tensors"].get(role)
-    if key is None:
-        return None
-    if key not in tensors:
-        raise ValueError(f"layer {name!r}: tensor {key!r} ({role}) is missing from {WEIGHTS_FILE}; re-export.")
-    return tensors[key]
+def layer_state(name: str, record: dict, tensors: dict[str, Tensor]) -> qlayer.LayerState:
+    """The `hqdm.qlayer.LayerState` of one exported layer, from its manifest record and tensors."""
+
+    def get(role: str) -> Tensor | None:
+        key = record["tensors"].get(role)
+        if key is None:
+            return None
+        if key not in tensors:
+            raise ValueError(f"layer {name!r}: tensor {key!r} ({role}) is missing from {WEIGHTS_FILE}; re-export.")
+        return tensors[key]
+
+    cfg, act, wrec = record["config"], record["act"], record["weight"]
+    n, k = wrec["shape"]
+    w_int = qlayer.load_ints(get("w_int"))
+    if tuple(w_int.shape) != (n, k):
+        raise ValueError(f"layer {name!r}: stored weight unpacks to {tuple(w_int.shape)}, manifest says {(n, k)}.")
+    c_int = get("c_int")
+    return qlayer.LayerState(
+        kind=record["kind"], channel_dim=1 if record["kind"] == "conv2d" else -1, center=cfg["center"],
+        normalize=cfg["normalize"], rotation=cfg["rotation"],
+        hadamard=None if record["hadamard"] is None else HadamardSpec.from_dict(record["hadamard"]),
+        w_bits=cfg["w"]["bits"], w_int=w_int, w_scale=get("w_scale"), w_zero=get("w_zero"), a_bits=act["bits"],
+        a_symmetric=act["symmetric"], a_mode=act["mode"], timestep_buckets=act["timestep_buckets"],
+        num_train_timesteps=act["num_train_timesteps"], a_scale=get("a_scale"), a_zero=get("a_zero"),
+        bias=get("bias"), mu=get("mu"), sigma=get("sigma"), c_bits=cfg["correction_bits"],
+        c_int=None if c_int is None else qlayer.load_ints(c_int), c_scale=get("c_scale"), c_weight=get("c_weight"),
+        full_shape=tuple(wrec["full_shape"]), taps=record.get("taps", 1))
 
 
-def _correction_weight(get, record: dict) -> Tensor | None:
-    """(N, C) dequantized W_c summed over taps (dynamic centering only), as QuantLayer computes it."""
-    c_int, c_weight = get("c_int"), get("c_weight")
-    if c_int is None and c_weight is None:
-        return None
-    shape = record["weight"]["full_shape"]
-    w = c_weight if c_int is None else unpack_weight(c_int).float() * get("c_scale")  # (N, K)
-    w = w.reshape(shape)
-    return w.sum(dim=(2, 3)) if len(shape) == 4 else w
+def int_layer(name: str, record: dict, tensors: dict[str, Tensor]) -> IntLayer:
+    """The IntLinear / IntConv2d of one exported layer (its manifest record and the export's tensors)."""
+    state = layer_state(name, record, tensors)
+    if record["kind"] == "conv2d":
+        return IntConv2d(name, state, record["fold"], record["module"])
+    return IntLinear(name, state, record["fold"])
 
 
 # ------------------------------------------------------------------------------------------------- load_int
 def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild an exported model with IntLinear / IntConv2d layers that run real integer GEMMs.
 
-    Call it like the original diffusers model, inside `hqdm.timestep_context(t)` when it keeps per-timestep
-    activation scales. Integer layers compute their transform and epilogue in float32 and return `dtype`.
+    Call it like the original diffusers model (`model(x, timestep=t, ...)`): per-timestep activation scales read
+    the timesteps of that call. Integer layers compute their transform and epilogue in float32 and return `dtype`.
 
     Args:
         path: a directory written by `hqdm.export`.
@@ -438,8 +302,8 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         model.to(dtype)
     for name, record in manifest["layers"].items():
         _check_module(model, name, record)
-        cls = IntConv2d if record["kind"] == "conv2d" else IntLinear
-        _set_submodule(model, name, cls(name, record, tensors).to(device))
+        _set_submodule(model, name, int_layer(name, record, tensors).to(device))
+    attach_timesteps(model, get_adapter(model, manifest["family"]).timestep_call)
     return model.eval()
 
 

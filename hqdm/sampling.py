@@ -272,25 +272,3 @@ def save_grid(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     out.save(path, format="PNG")
     return path
-
-
-def sqnr_db(x: Tensor, ref: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Signal-to-quantization-noise ratio `10·log10(Σ ref² / Σ (x − ref)²)` in dB, computed in float64.
-
-    Sums run over all elements (`dim=None`) or over every axis except those in `dim` (e.g. `dim=0`: one value per
-    sample). Where the error is exactly 0 the result is `inf`.
-    """
-    if x.shape != ref.shape:
-        raise ValueError(f"x has shape {tuple(x.shape)} but ref has {tuple(ref.shape)}; compare tensors of one shape.")
-    ref64 = ref.detach().double()
-    err64 = x.detach().double() - ref64
-    signal, noise = ref64.square(), err64.square()
-    if dim is None:
-        signal, noise = signal.sum(), noise.sum()
-    else:
-        keep = {d % ref.ndim for d in ((dim,) if isinstance(dim, int) else dim)}
-        reduce = [d for d in range(ref.ndim) if d not in keep]
-        if reduce:  # torch reads an empty dim list as "all axes"
-            signal, noise = signal.sum(dim=reduce), noise.sum(dim=reduce)
-    db = 10 * torch.log10(signal / noise)
-    return torch.where(noise == 0, torch.full_like(db, math.inf), db)

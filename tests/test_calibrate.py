@@ -8,9 +8,9 @@ import torch
 from hqdm import QuantConfig, calibrate, prepare, set_quantizers_enabled
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import SIGMA_FLOOR, forward_batch, is_calibrated
-from hqdm.context import timestep_buckets
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.prepare import quant_layers
+from hqdm.timesteps import timestep_buckets
 
 BUCKETS = 10
 T_SEEN = 400  # calibration timesteps < 400 reach buckets 0–3 only; 4–9 must be filled from bucket 3
@@ -141,5 +141,5 @@ def test_calibrate_input_errors(tiny_dit, batches):
         calibrate(student, iter(batches), progress=False)
     with pytest.raises(ValueError, match="no quantized layers"):
         calibrate(tiny_dit, batches, progress=False)
-    with pytest.raises(RuntimeError, match="timestep_context"):  # tables need timesteps: plain tensors have none
+    with pytest.raises(RuntimeError, match="without timesteps"):  # tables need timesteps: plain tensors have none
         calibrate(student, [b["x"] for b in batches], family="generic", progress=False)

@@ -14,11 +14,11 @@ from torch import nn
 
 import hqdm
 from hqdm.adapters import get_adapter
-from hqdm.export import ExportSummary, export, export_layer, quantize_weight
+from hqdm.export import ExportSummary, export, export_layer
+from hqdm.metrics import sqnr_db
 from hqdm.prepare import quant_layers
 from hqdm.quant_primitives import unpack_int4
 from hqdm.runtime import MANIFEST_FILE, WEIGHTS_FILE, IntConv2d, IntLinear, load_int
-from hqdm.sampling import sqnr_db
 
 PREDICTION_MARGIN_DB = 1.0
 """Held-out batch: the integer model is as close to float as the fake-quant model (measured within 0.1 dB; rounding
@@ -36,7 +36,7 @@ def _student(model, batches, **cfg):
 
 
 def _predict(model, batch):
-    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+    with torch.no_grad():
         return get_adapter(model).predict(model, batch["x"], batch["t"], batch["y"])
 
 
@@ -83,7 +83,7 @@ def test_round_trip_bit_exact(exported):
     for name, layer in quant_layers(student).items():
         int_layer, rec = model.get_submodule(name), manifest["layers"][name]
         assert isinstance(int_layer, IntLinear | IntConv2d)
-        q, _, _ = quantize_weight(layer.w_quant, layer.effective_weight().detach())
+        q = layer.state().w_int
         w_int = stored[rec["tensors"]["w_int"]]
         assert torch.equal(unpack_int4(w_int) if rec["weight"]["storage"] == "int4x2" else w_int, q)
         for role in ("a_scale", "bias", "mu", "sigma"):

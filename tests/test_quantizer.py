@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hqdm.config import LayerQuantConfig, QuantConfig, QuantizerSpec, Rule
-from hqdm.context import timestep_context
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.quant_primitives import dequantize, fake_quantize, quantize
+from hqdm.timesteps import use_timesteps
 
 QMIN, QMAX = -8, 7  # signed 4-bit
 STEP = 0.1
@@ -183,7 +183,7 @@ def test_activation_scale_shapes(dynamic, granularity, layout):
     v = x.movedim(channel_dim, -1).reshape(3, -1, C)  # (B, T, C)
     if granularity == "group":
         v = v.reshape(3, v.shape[1], C // G, G)
-    with timestep_context(torch.tensor([0, 500, 999])):
+    with use_timesteps(q, torch.tensor([0, 500, 999])):
         scale, _ = q.qparams(v)
         out = q(x)
     assert scale.shape == ACT_BROADCAST[dynamic, granularity](3, v.shape[1])
@@ -237,12 +237,12 @@ def test_each_sample_reads_its_own_timestep_bucket(granularity):
     q.set_table(table.expand(q.scale.shape).clone())
     x = torch.randn(4, 6, C) * 2
     t = torch.tensor([5, 950, 305, 999])
-    with timestep_context(t):
+    with use_timesteps(q, t):
         out = q(x)
     for i, bucket in enumerate([0, 9, 3, 9]):
         expected = fake_quantize(x[i], q.scale[bucket].detach(), None, q.spec.qmin, q.spec.qmax)
         assert torch.equal(out[i], expected)
-    with timestep_context(torch.tensor(305)):  # a scalar timestep applies to the whole batch
+    with use_timesteps(q, torch.tensor(305)):  # a scalar timestep applies to the whole batch
         assert torch.equal(q(x), fake_quantize(x, q.scale[3].detach(), None, q.spec.qmin, q.spec.qmax))
 
 
@@ -250,16 +250,16 @@ def test_asymmetric_table_selects_scale_and_zero_point_per_sample():
     q = act_quantizer("channel", dynamic=False, buckets=10, symmetric=False)
     assert q.zero_point.shape == q.scale.shape == (10, C)
     x = torch.randn(3, 6, C)
-    with timestep_context(torch.tensor([999, 0, 420])):
+    with use_timesteps(q, torch.tensor([999, 0, 420])):
         out = q(x)
     for i, bucket in enumerate([9, 0, 4]):
         s, z = q.scale[bucket].detach(), q.zero_point[bucket].detach()
         assert torch.equal(out[i], fake_quantize(x[i], s, z, q.spec.qmin, q.spec.qmax))
 
 
-def test_missing_timestep_context_is_a_clear_error():
+def test_missing_timesteps_is_a_clear_error():
     q = act_quantizer("tensor", dynamic=False, buckets=10)
-    with pytest.raises(RuntimeError, match="timestep_context"):
+    with pytest.raises(RuntimeError, match="called without timesteps"):
         q(torch.randn(2, 3, C))
     single = act_quantizer("tensor", dynamic=False, buckets=1)
     assert single(torch.randn(2, 3, C)).shape == (2, 3, C)  # one entry: no timestep needed
@@ -267,10 +267,10 @@ def test_missing_timestep_context_is_a_clear_error():
 
 def test_timestep_count_must_match_batch():
     q = act_quantizer("tensor", dynamic=False, buckets=10)
-    with timestep_context(torch.tensor([1, 2, 3])), pytest.raises(ValueError, match="3 timesteps.*batch of 2"):
+    with use_timesteps(q, torch.tensor([1, 2, 3])), pytest.raises(ValueError, match="3 timesteps.*batch of 2"):
         q(torch.randn(2, 3, C))
     with pytest.raises(ValueError, match="scalar or a"):
-        with timestep_context(torch.zeros(2, 2)):
+        with use_timesteps(q, torch.zeros(2, 2)):
             pass
 
 
@@ -286,7 +286,7 @@ def test_resample_100_buckets_onto_20_and_back(granularity):
     q.resample_timesteps(100)  # growing repeats each entry over the buckets it covers
     assert torch.equal(q.scale.data, shrunk.repeat_interleave(5, dim=0))
     x = torch.randn(2, 3, C)
-    with timestep_context(torch.tensor([0, 999])):
+    with use_timesteps(q, torch.tensor([0, 999])):
         assert q(x).shape == x.shape
     with pytest.raises(ValueError, match="buckets=0"):
         q.resample_timesteps(0)

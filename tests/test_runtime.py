@@ -12,21 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import hqdm
-from hqdm.export import export_layer, quantize_weight
+from hqdm.export import export_layer
 from hqdm.hadamard import HadamardSpec, rotation_matrix
 from hqdm.int_matmul import _int_mm_padded, int_mm, int_mm_reference
 from hqdm.layers import QuantLayer
+from hqdm.metrics import sqnr_db
+from hqdm.qlayer import fold_hadamard_int, gemm_weight, split_int8
 from hqdm.quant_primitives import dequantize, pack_int4, unpack_int4
-from hqdm.runtime import (
-    IntConv2d,
-    IntLinear,
-    fold_hadamard_int,
-    gemm_weight,
-    im2col,
-    im2col_channels_last,
-    split_int8,
-)
-from hqdm.sampling import sqnr_db
+from hqdm.runtime import im2col, im2col_channels_last, int_layer
 
 LAYER_SQNR_FLOOR_DB = 80.0
 """Integer layer vs its fake-quant twin on one input: the same integers on both paths, only float32 summation
@@ -167,13 +160,13 @@ def _batch(kind: str, seed: int) -> dict:
 
 def _int_layer(layer: QuantLayer):
     record, tensors = export_layer("layer", layer)
-    return (IntConv2d if record["kind"] == "conv2d" else IntLinear)("layer", record, tensors)
+    return int_layer("layer", record, tensors)
 
 
 def _compare(layer: QuantLayer, kind: str, seed: int = 7) -> float:
     batch = _batch(kind, seed)
     int_layer = _int_layer(layer)
-    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+    with torch.no_grad(), hqdm.use_timesteps(layer, batch["t"]), hqdm.use_timesteps(int_layer, batch["t"]):
         ref, out = layer(batch["x"]), int_layer(batch["x"])
     assert out.shape == ref.shape and out.dtype == ref.dtype
     return sqnr_db(out, ref).item()
@@ -234,8 +227,9 @@ def test_2d_linear_input_uses_static_mean():
     """(B, C) inputs (timestep embeddings) have no token axis: dynamic centering falls back to the stored μ."""
     layer = _layer("linear", (8, 8), ("double", "dynamic", True))
     x = torch.randn(4, C) + 3
-    with torch.no_grad(), hqdm.timestep_context(torch.tensor([0, 300, 600, 900])):
-        assert sqnr_db(_int_layer(layer)(x), layer(x)).item() > LAYER_SQNR_FLOOR_DB
+    int_layer, t = _int_layer(layer), torch.tensor([0, 300, 600, 900])
+    with torch.no_grad(), hqdm.use_timesteps(layer, t), hqdm.use_timesteps(int_layer, t):
+        assert sqnr_db(int_layer(x), layer(x)).item() > LAYER_SQNR_FLOOR_DB
 
 
 def test_exported_integers_are_the_fake_quant_integers():
@@ -243,15 +237,16 @@ def test_exported_integers_are_the_fake_quant_integers():
     for gran, group in (("channel", None), ("group", 16), ("tensor", None)):
         layer = _layer("conv", (4, 8), ("double", "none", False), w_granularity=gran, w_group_size=group)
         w = layer.effective_weight().detach()
-        q, s, z = quantize_weight(layer.w_quant, w)
+        state = layer.state()
+        q, s = state.w_int, state.w_scale
         groups = s.shape[1]
         deq = dequantize(q.reshape(q.shape[0], groups, -1), s[..., None], None).reshape(w.shape)
         assert torch.equal(deq, layer.w_quant(w).detach())
 
 
-def test_missing_timestep_context_is_a_clear_error():
+def test_missing_timesteps_is_a_clear_error():
     int_layer = _int_layer(_layer("linear", (8, 8), ("single", "none", False)))
-    with pytest.raises(RuntimeError, match="timestep_context"):
+    with pytest.raises(RuntimeError, match="called without timesteps"):
         int_layer(torch.randn(2, T, C))
 
 
@@ -269,7 +264,7 @@ def test_int_mm_cuda_equals_reference(m, k, n):
 def test_int_layer_cuda_matches_cpu(kind):
     layer = _layer(kind, (4, 8), ("single", "dynamic", False))
     int_layer, batch = _int_layer(layer), _batch(kind, 7)
-    with torch.no_grad(), hqdm.timestep_context(batch["t"]):
+    with torch.no_grad(), hqdm.use_timesteps(int_layer, batch["t"]):
         cpu = int_layer(batch["x"])
         gpu = int_layer.cuda()(batch["x"].cuda()).cpu()
     assert sqnr_db(gpu, cpu).item() > LAYER_SQNR_FLOOR_DB

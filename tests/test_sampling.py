@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from hqdm.sampling import SCHEDULERS, guided, make_scheduler, sample, save_grid, sqnr_db, to_uint8
+from hqdm.metrics import sqnr_db
+from hqdm.sampling import SCHEDULERS, guided, make_scheduler, sample, save_grid, to_uint8
 
 SHAPE = (1, 4, 4)
 NULL = 10

@@ -11,14 +11,14 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from hqdm.adapters import Adapter
-from hqdm.context import timestep_buckets, timestep_context
+from hqdm.timesteps import timestep_buckets
 from hqdm.sampling import sample
 
 IMAGE_RANGE = 2.0  # pixels live in [-1, 1]
 
 
 def bucket_bounds(buckets: int, num_train_timesteps: int) -> list[tuple[int, int]]:
-    """(first, last) timestep of each bucket, matching `hqdm.context.timestep_buckets`."""
+    """(first, last) timestep of each bucket, matching `hqdm.timesteps.timestep_buckets`."""
     edges = [math.ceil(i * num_train_timesteps / buckets) for i in range(buckets + 1)]
     return [(edges[i], edges[i + 1] - 1) for i in range(buckets)]
 
@@ -70,11 +70,10 @@ class BucketSQNR(Metric):
 
 
 def denoiser(model: nn.Module, adapter: Adapter):
-    """`(x, t, y) -> eps` of a (quantized) model, with the timestep context its per-timestep scales read."""
+    """`(x, t, y) -> eps` of a (quantized) model, for `hqdm.sampling.sample`."""
 
     def eps(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with timestep_context(t):
-            return adapter.predict(model, x, t, y)
+        return adapter.predict(model, x, t, y)
 
     return eps
 

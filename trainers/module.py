@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import calibrate, is_calibrated
 from hqdm.config import QuantConfig, Rule
-from hqdm.context import timestep_context
 from hqdm.prepare import prepare, quant_layers
 from hqdm.trainers import trajectories as traj
 from hqdm.trainers.evaluation import BucketSQNR, stratified_timesteps
@@ -327,9 +326,8 @@ class DistillModule(EvaluationSteps, LightningModule):
 
     # ---- predictions and loss ---------------------------------------------------------------------------------
     def predict_noise(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, context: Tensor | None = None):
-        """The model's prediction, with the timestep context its per-timestep activation scales read."""
-        with timestep_context(t):
-            return self.adapter.predict(model, x, t, y, context)
+        """The model's prediction (per-timestep activation scales read `t` from the model's own call)."""
+        return self.adapter.predict(model, x, t, y, context)
 
     def distill_outputs(self, inputs: dict) -> tuple[Tensor, Tensor, dict, dict]:
         """(student prediction, teacher prediction, student features, teacher features) on the same inputs."""

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hqdm.config import QuantConfig, Rule
+from hqdm.timesteps import TimestepCall
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Adapter:
     """Layers whose few input channels make a Hadamard pointless (e.g. the image input conv)."""
     block_types: tuple[tuple[str, str], ...] = ()
     """(glob, block type) pairs for reports; the first match wins."""
+    timestep_call: TimestepCall = TimestepCall()
+    """Where the model's call carries its timesteps (keyword `timestep`, else the second positional argument)."""
 
     def rules(self, config: QuantConfig) -> list[Rule]:
         """Family defaults, before the user's rules."""

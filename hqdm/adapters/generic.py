@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from hqdm.adapters.base import Adapter
+from hqdm.timesteps import use_timesteps
 
 
 class GenericAdapter(Adapter):
@@ -15,7 +16,8 @@ class GenericAdapter(Adapter):
         try:
             out = model(x, t)
         except TypeError:
-            out = model(x)
+            with use_timesteps(model, t):  # a forward without a timestep argument: its layers still need them
+                out = model(x)
         return out.sample if hasattr(out, "sample") else out
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
