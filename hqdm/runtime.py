@@ -15,7 +15,9 @@ with entries up to n·2^b. It is built here at load time from the stored low-bit
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hqdm import qlayer
+from hqdm import int_fused, qlayer
 from hqdm.adapters import get_adapter
-from hqdm.hadamard import HadamardSpec
+from hqdm.hadamard import HadamardSpec, signs
 from hqdm.int_matmul import int_mm
 from hqdm.quant_primitives import quantize
 from hqdm.timesteps import Timesteps, attach_timesteps
@@ -79,6 +81,13 @@ class IntLayer(nn.Module):
         self.register_buffer("mu", state.mu)
         self.register_buffer("sigma", state.sigma)
         self.register_buffer("c_weight", state.correction_summed())
+        self.use_kernels: bool | None = None
+        """None: the Triton kernels (`hqdm.int_fused`) on CUDA where the layer fits them; True / False: force."""
+        self.fused = int_fused.fusable(self)
+        if self.fused:
+            for key, t in int_fused.kernel_buffers(self, None if state.hadamard is None else
+                                                   signs(state.hadamard)).items():
+                self.register_buffer(key, t)
 
     def extra_repr(self) -> str:
         acts = "per-token" if self.a_mode == "token" else f"{self.buckets} timestep buckets"
@@ -103,6 +112,12 @@ class IntLayer(nn.Module):
             view = (-1,) + (1,) * (h.dim() - 1)
             s, z = s.reshape(view), None if z is None else z.reshape(view)
         return quantize(h, s, z, self.a_qmin, self.a_qmax), s, None if z is None else z.round().to(torch.int64)
+
+    def takes_kernels(self, x: Tensor) -> bool:
+        """Whether this call runs the fused Triton kernels (static per device and settings: compile-safe)."""
+        if not self.fused or self.use_kernels is False:
+            return False
+        return bool(self.use_kernels) or (x.is_cuda and _triton_installed())
 
     # ---- integer GEMM and epilogue --------------------------------------------------------------------------
     def matmul(self, a: Tensor, za: Tensor | None) -> Tensor:
@@ -140,6 +155,8 @@ class IntLinear(IntLayer):
     channel_dim = -1
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.takes_kernels(x):
+            return int_fused.linear_forward(self, x)
         h32 = x.float()
         b, c = x.shape[0], x.shape[-1]
         mu = self.mean(h32)
@@ -185,6 +202,8 @@ class IntConv2d(IntLayer):
         return im2col_channels_last(q, self.kernel_size, self.stride, self.dilation, self.w_ints.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.takes_kernels(x):
+            return int_fused.conv_forward(self, x)
         h32 = x.float()
         b = x.shape[0]
         mu = self.mean(h32)  # of the unpadded input, as in QuantConv2d
@@ -230,6 +249,11 @@ def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, 
     b, ho, wo, c, kh, kw = p.shape
     p = p.unflatten(3, (groups, c // groups)).permute(0, 1, 2, 3, 5, 6, 4)  # (B, Ho, Wo, G, kh, kw, C/G)
     return p.reshape(b * ho * wo, c * kh * kw), (ho, wo)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def layer_state(name: str, record: dict, tensors: dict[str, Tensor]) -> qlayer.LayerState:
