@@ -11,8 +11,8 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from hqdm.adapters import Adapter
-from hqdm.timesteps import timestep_buckets
 from hqdm.sampling import sample
+from hqdm.timesteps import timestep_buckets
 
 IMAGE_RANGE = 2.0  # pixels live in [-1, 1]
 
