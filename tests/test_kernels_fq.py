@@ -1,10 +1,10 @@
 """Fused fake quantization (hqdm.kernels.fake_quant) against the unfused reference, forward and backward.
 
-The reference is the one definition: `fake_quantize` + `rotate`, with centering and σ as `QuantLayer.pre_quant`
-/ `transform_input` apply them, a per-sample step size gathered from a table, or dynamic per-token ranges from
-`range_to_qparams` as `FakeQuantizer` computes them. Without CUDA the kernels run under triton's CPU interpreter,
-which triton reads when a kernel is defined: the variable is set before the module is imported (and the module
-is reloaded if something imported it first). With CUDA the same tests run compiled, plus the `gpu` tests.
+The reference is the one definition: `hqdm.qlayer.transform_input` (centering, σ, rotation), `fake_quantize` with
+a per-sample step size gathered from a table or `qlayer.token_qparams` ranges, then `rotate(…, inverse=True)`.
+Without CUDA the kernels run under triton's CPU interpreter, which triton reads when a kernel is defined: the
+variable is set before the module is imported (and the module is reloaded if something imported it first).
+With CUDA the same tests run compiled, plus the `gpu` tests.
 
 Float32 "exact": the fused Hadamard sums its n terms in another order than torch's matmul, so h differs by a few
 ulps, which moves round(h/s) only where h/s lies within ulps of a half integer. The inputs of the exact tests are
@@ -27,9 +27,10 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from hqdm import qlayer  # noqa: E402
 from hqdm.hadamard import HadamardSpec, rotate  # noqa: E402
 from hqdm.kernels import fake_quant as fq  # noqa: E402
-from hqdm.quant_primitives import fake_quantize, range_to_qparams  # noqa: E402
+from hqdm.quant_primitives import fake_quantize  # noqa: E402
 
 if INTERPRET and not fq._interpreting():  # imported earlier with compiled kernels: rebuild them interpreted
     fq = importlib.reload(fq)
@@ -47,30 +48,19 @@ compiled_only = pytest.mark.skipif(INTERPRET, reason="TRITON_INTERPRET=1: kernel
 
 # --------------------------------------------------------------------------------------------------- reference
 def reference(x, scale, zp, *, qmin, qmax, rotation, spec, mu, sigma, symmetric=True, channel_dim=-1):
-    """QuantLayer.transform_input with a per-sample table entry (scale) or dynamic per-token ranges (scale None).
-
-    Returns (x̂, pre-rounding values) — the values whose distance to a half integer decides every code.
-    """
-    h = x if mu is None else x - mu
-    if sigma is not None:
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        h = h / sigma.to(x.dtype).reshape(shape)
-    if rotation != "none":
-        h = rotate(h, spec, dim=channel_dim)
+    """QuantLayer.transform_input through hqdm.qlayer, with the table entry gathered per sample (scale (B,)) or
+    dynamic per-token ranges (scale None). Returns (x̂, the pre-rounding values that decide every code)."""
+    h = qlayer.transform_input(x, mu, sigma, None if rotation == "none" else spec, channel_dim)
     v = h.movedim(channel_dim, -1)
     v = v.reshape(v.shape[0], -1, v.shape[-1])  # (B, T, C): FakeQuantizer's canonical view
     if scale is None:
-        with torch.no_grad():
-            s, z = range_to_qparams(v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), qmin, qmax, symmetric)
+        s, z = qlayer.token_qparams(v, qmin, qmax, symmetric)
         pre = [v / s] + ([] if z is None else [v.amin(-1, keepdim=True).clamp(max=0) / s])
     else:
-        s = scale.reshape(-1, 1, 1)
-        z = None if zp is None else zp.reshape(-1, 1, 1)
+        s, z = scale.reshape(-1, 1, 1), None if zp is None else zp.reshape(-1, 1, 1)
         pre = [v / s] + ([] if zp is None else [zp])
     q = fake_quantize(v, s, z, qmin, qmax)
-    moved = h.movedim(channel_dim, -1).shape
-    q = q.reshape(moved).movedim(-1, channel_dim)
+    q = q.reshape(h.movedim(channel_dim, -1).shape).movedim(-1, channel_dim)
     if rotation == "single":
         q = rotate(q, spec, dim=channel_dim, inverse=True)
     return q, [p.detach() for p in pre]
@@ -231,7 +221,7 @@ def test_act_codes_flip_rarely_on_random_inputs():
     out_r, _ = run(case, fused=False)
     with torch.no_grad():
         v = rotate(case["x"], case["kw"]["spec"])
-        s = range_to_qparams(v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), -128, 127, True)[0]
+        s = qlayer.token_qparams(v, -128, 127, True)[0]
     flips = ((out_k / s).round() != (out_r / s).round()).double().mean().item()
     assert flips <= FLIP_FRACTION
     assert_close_rel(out_k, out_r, 1.0 / 127, "x̂ (at most one step where a code flipped)")

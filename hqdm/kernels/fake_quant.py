@@ -8,8 +8,8 @@ Activation input x of a layer (channel axis C; rows = the T tokens / pixels of e
     backward: straight-through inside the clip range, LSQ ∂/∂s = round(h/s) − h/s inside and qmin − z / qmax − z
               outside, ∂/∂z = −s outside (`hqdm.quant_primitives.fake_quantize`); ∂/∂μ = −Σ_tokens ∂/∂x.
 
-It equals `QuantLayer.transform_input` (`pre_quant` + `FakeQuantizer` + `rotate(…, inverse=True)`) up to float
-summation order. Only x is kept for the backward, which recomputes h in-kernel (plus (M,) row scales when
+It equals `QuantLayer.transform_input` (`hqdm.qlayer.transform_input`, the FakeQuantizer, `rotate(…, inverse=True)`)
+up to float summation order. Only x is kept for the backward, which recomputes h in-kernel (plus (M,) row scales when
 dynamic); the output and the input gradient are in x's dtype.
 
 Precision with bfloat16 inputs (measured on (4, 64, 256) DiT-like inputs with outlier channels, 4 and 8 bits,
@@ -567,7 +567,7 @@ def fake_quant_weight(weight: Tensor, scale: Tensor, zero_point: Tensor | None =
 
     Args:
         weight: (N, ...) weight, any floating dtype.
-        scale: (N,) per-output-channel or (1,) per-tensor positive step size (e.g. `scale.abs().clamp_min(eps)`).
+        scale: (N,) per-output-channel or (1,) per-tensor positive step size (`qlayer.learned_scale(param)`).
         zero_point: same shape as scale for an asymmetric quantizer, else None.
         qmin: smallest integer.
         qmax: largest integer.
