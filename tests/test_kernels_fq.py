@@ -354,6 +354,17 @@ def test_cache_sees_new_tensors_not_data_writes():
         assert not torch.equal(m(), stale) and m.calls == 3
 
 
+def test_cache_copies_start_empty():
+    import copy
+    import pickle
+
+    m = Counted()
+    m().sum()
+    assert m.cache._value is not None
+    for fresh in (copy.deepcopy(m.cache), pickle.loads(pickle.dumps(m.cache))):
+        assert fresh._value is None and fresh(m.compute, m.w, m.s) is not m.cache._value
+
+
 def test_cache_gradient_accumulation_steps_each_get_a_graph():
     m = Counted()
     for _ in range(3):  # micro-batches without an optimizer step in between

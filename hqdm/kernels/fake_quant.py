@@ -609,9 +609,10 @@ class WeightFakeQuantCache:
       reaches it, so every step (forward, backward, optimizer step) recomputes it once and every further call
       in the same forward (guidance batches, several denoiser calls before one backward) reuses it;
     - torch.compile is not tracing (compiled code calls `compute()`; the cache is Python state).
-    Writes that bypass the version counter — `param.data.copy_(...)`, optimizers that write through raw pointers
-    (bitsandbytes), `torch.no_grad()` writes into `.data` — are invisible: call `clear()` after them. Training is
-    safe regardless, since the backward of each step drops the entry.
+    Copies (`copy.deepcopy`, pickling) start empty. Writes that bypass the version counter — `param.data.copy_`
+    (as `fold_sigma` does), kernels that write through raw pointers (check an 8-bit optimizer's) — are invisible
+    to the key: call `clear()` after them. Training stays correct regardless, since each step's backward drops
+    the entry before the optimizer writes.
 
     Args of `__call__`:
         compute: builds the weight from the sources, e.g. `lambda: fake_quant_weight(w, s.abs().clamp_min(eps), …)`.
@@ -626,6 +627,15 @@ class WeightFakeQuantCache:
     def clear(self) -> None:
         """Forget the stored weight (the next call recomputes it)."""
         self._key, self._refs, self._value = None, (), None
+
+    def __deepcopy__(self, memo) -> WeightFakeQuantCache:
+        return WeightFakeQuantCache()  # a copied model has other tensors: it starts empty
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
 
     @staticmethod
     def _state(sources: tuple[Tensor, ...]) -> tuple:
