@@ -15,26 +15,24 @@ is written under a temporary name and renamed, so a failed export leaves nothing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from hqdm import qlayer
+from hqdm import qlayer, safe_io
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import forward_batch
+from hqdm.export_format import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, write_manifest, write_weights
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.layers import QuantConv2d, QuantLayer, layer_config_to_dict, set_quantizers_enabled
 from hqdm.metrics import SQNRSum
 from hqdm.prepare import quant_layers
-from hqdm.runtime import FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, load_int
+from hqdm.runtime import load_int
 from hqdm.timesteps import timesteps_of, use_timesteps
 
 PARITY_LAYER_SQNR_DB = 40.0
@@ -43,7 +41,6 @@ PARITY_OUTPUT_MARGIN_DB = 1.0
 """End to end, the integer model may be at most 1 dB further from float than the fake-quant model: once float32
 summation order flips one rounding, the two models round the same signal differently (equally far from float,
 measured within 0.1 dB); a real mismatch adds an error of its own."""
-INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -106,13 +103,15 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         ExportSummary (sizes against bf16, parity figures); `print` it for a table.
 
     Raises:
-        FileExistsError: out_dir exists and overwrite is False.
+        FileExistsError: out_dir exists and overwrite is False, or it is not an export (a user folder, a file):
+            overwrite replaces only a folder hqdm or diffusers wrote.
+        PermissionError: out_dir's parent cannot be written.
         ValueError: a model that is not a diffusers model; a layer no integer GEMM can run (its activation
-            granularity, missing quantizers, an int32 accumulator that can overflow); parity below the bounds.
+            granularity, missing quantizers, an int32 accumulator that can overflow); non-finite tensors; parity
+            below the bounds.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another directory.")
+    safe_io.check_target(out, overwrite)  # before any work: never replace a user's folder or file
     _check_model(student)
     layers = quant_layers(student)
     records, tensors = {}, {}
@@ -120,17 +119,17 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         records[name], layer_tensors = export_layer(name, layer)
         tensors.update(layer_tensors)
     model_tensors = _model_tensors(student, layers, float_dtype)
+    safe_io.check_finite({**tensors, **model_tensors}, "export")
     manifest = _manifest(student, records, model_tensors, get_adapter(student, family).name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = safe_io.staging_dir(out)
     try:
-        student.save_config(tmp)
-        file_bytes = _write_weights(tmp, manifest, {**tensors, **model_tensors})
-        _write_manifest(tmp, manifest)
+        _save_config(student, tmp)
+        file_bytes = write_weights(tmp, manifest, {**tensors, **model_tensors})
+        write_manifest(tmp, manifest)
         if calibration_batches is not None:
             manifest["parity"] = check_parity(student, tmp, calibration_batches, family)
-            _write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
+            write_manifest(tmp, manifest)
+        safe_io.replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -169,7 +168,9 @@ def export_layer(name: str, layer: QuantLayer) -> tuple[dict, dict[str, Tensor]]
         "weight": {"shape": [n, k], "full_shape": list(st.full_shape), "layout": "[N, K] row-major, K contiguous",
                    "storage": "int4x2" if qlayer.packs_int4(st.w_bits, st.w_int) else "int8",
                    "scale_shape": list(st.w_scale.shape)},
-        "act": _act_record(layer),
+        "act": {"mode": st.a_mode, "bits": st.a_bits, "symmetric": st.a_symmetric,
+                "timestep_buckets": st.timestep_buckets, "num_train_timesteps": st.num_train_timesteps,
+                "table_shape": None if st.a_scale is None else list(st.a_scale.shape)},
         "hadamard": layer.hadamard_dict(),
         "fold": None if cfg.rotation != "single" else {
             "op": "(W_int - z_w) @ R_raw, R_raw = diag(signs) @ blockdiag(H_order), entries +-1",
@@ -177,7 +178,7 @@ def export_layer(name: str, layer: QuantLayer) -> tuple[dict, dict[str, Tensor]]
             "scale": "w_scale / sqrt(order)"},
         "correction": _correction_record(cfg, roles),
         "taps": st.taps,
-        "accumulator": _accumulator(name, layer, gw, k),
+        "accumulator": _accumulator(name, gw, k, st.a_bits),
         "tensors": {role: f"{name}.{role}" for role, t in roles.items() if t is not None},
     }
     return record, {f"{name}.{role}": t.detach().cpu().contiguous() for role, t in roles.items() if t is not None}
@@ -207,13 +208,6 @@ def _check_layer(name: str, layer: QuantLayer) -> None:
         raise ValueError(f"layer {name!r}: its activation scales are not calibrated; run hqdm.calibrate first.")
 
 
-def _act_record(layer: QuantLayer) -> dict:
-    q = layer.a_quant
-    return {"mode": "token" if q.spec.dynamic else "table", "bits": q.spec.bits, "symmetric": q.spec.symmetric,
-            "timestep_buckets": q.spec.timestep_buckets, "num_train_timesteps": q.num_train_timesteps,
-            "table_shape": None if q.spec.dynamic else list(q.scale.shape)}
-
-
 def _correction_record(cfg, roles: dict) -> dict | None:
     if cfg.center == "none":
         return None
@@ -226,6 +220,14 @@ def _correction_record(cfg, roles: dict) -> dict | None:
     return {"bits": cfg.correction_bits, "stored": stored}
 
 
+def _accumulator(name: str, gw: qlayer.GemmWeight, k: int, a_bits: int) -> dict:
+    try:
+        return qlayer.accumulator_bound(gw, k, a_bits)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err} Fix: weight groups shorten K per GEMM (Rule(pattern={name!r}, "
+                         "w_granularity='group', w_group_size=...)), fewer activation bits, or skip=True.") from err
+
+
 def _module_record(layer: QuantLayer, conv: bool) -> dict:
     if not conv:
         return {"in_features": layer.in_features, "out_features": layer.out_features}
@@ -234,20 +236,6 @@ def _module_record(layer: QuantLayer, conv: bool) -> dict:
             "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
             "padding_mode": layer.padding_mode, "pad": list(layer.pad_amounts()),
             "pad_mode": "constant" if layer.padding_mode == "zeros" else layer.padding_mode}
-
-
-def _accumulator(name: str, layer: QuantLayer, gw, k: int) -> dict:
-    """K · max|a| · max|w| per GEMM (K per weight group) must stay below 2^31."""
-    k_gemm = k // gw.scale.shape[1]
-    a_max = 2 ** (layer.config.a.bits - 1)
-    bound = k_gemm * a_max * gw.digit_max_abs
-    if bound > INT32_MAX:
-        raise ValueError(
-            f"layer {name!r}: the int32 accumulator can overflow: K={k_gemm} · max|a|={a_max} · max|w|="
-            f"{gw.digit_max_abs} = {bound} > 2^31 - 1. Fix: weight groups shorten K per GEMM (Rule(pattern="
-            f"{name!r}, w_granularity='group', w_group_size=...)), fewer activation bits, or skip=True."
-        )
-    return {"k": k_gemm, "max_abs_a": a_max, "max_abs_w": gw.digit_max_abs, "bound": bound, "limit": INT32_MAX}
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -299,28 +287,12 @@ def _manifest(student: nn.Module, records: dict, model_tensors: dict, family: st
     }
 
 
-def _write_weights(tmp: Path, manifest: dict, tensors: dict[str, Tensor]) -> int:
-    from safetensors.torch import save
-
-    data = save(tensors, metadata={"format": "pt", "hqdm_format": f"{FORMAT}/{FORMAT_VERSION}"})
-    (tmp / WEIGHTS_FILE).write_bytes(data)
-    manifest["files"][WEIGHTS_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    return len(data)
-
-
-def _write_manifest(tmp: Path, manifest: dict) -> None:
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to out (an existing out is replaced only after that succeeds)."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
+def _save_config(student: nn.Module, folder: Path) -> None:
+    """config.json without `_name_or_path`: an export carries no path of the machine that wrote it."""
+    student.save_config(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _nbytes(t: Tensor) -> int:

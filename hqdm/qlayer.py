@@ -23,6 +23,7 @@ EPS = 1e-8
 """Smallest step size: learned scales are read as max(|s|, EPS), so a scale driven through 0 never divides by 0."""
 DIGIT_BASE = 256
 """Base of the int8 digits a folded weight is split into (balanced digits in [-128, 127])."""
+INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------- input transform
@@ -145,6 +146,30 @@ def split_int8(f: Tensor) -> Tensor:
     return torch.stack([*digits, rest]).to(torch.int8)
 
 
+def fold_bounds(qmin: int, qmax: int, spec: HadamardSpec) -> tuple[int, int]:
+    """Exact (min, max) of the folded weight W·R_raw over every integer weight W in [qmin, qmax] (no zero points).
+
+    Each folded entry is Σ_k w_k·r_k over one column r (±1) of a block of R_raw: w_k = qmax where r_k = +1 and
+    w_k = qmin where r_k = −1 give its largest value, qmax·#(+1) − qmin·#(−1), and the reverse its smallest. For
+    Sylvester H_16 without signs, column 0 is all +1 ([16·qmin, 16·qmax]) and every other column has eight of each
+    ([−8·(qmax − qmin), 8·(qmax − qmin)]); a sign flip can turn a column into all −1, reaching −16·qmin.
+    """
+    n = spec.order
+    r = hadamard_matrix(n).to(torch.float64).repeat(spec.width // n, 1)  # (C, n): R_raw's blocks stacked
+    s = signs(spec)
+    r = r if s is None else r * s[:, None]
+    pos = (r > 0).reshape(spec.width // n, n, n).sum(1)  # (C/n, n): +1 count of each block column
+    hi = qmax * pos - qmin * (n - pos)
+    lo = qmin * pos - qmax * (n - pos)
+    return int(lo.min()), int(hi.max())
+
+
+def fold_parts(qmin: int, qmax: int, spec: HadamardSpec) -> int:
+    """Int8 digits (`GemmWeight.parts`) the fold of the worst-case weight in [qmin, qmax] needs: 1 means it
+    provably fits one int8 GEMM whatever the trained weights are."""
+    return int(split_int8(torch.tensor(fold_bounds(qmin, qmax, spec))).shape[0])
+
+
 def _constant_over_blocks(v: Tensor, spec: HadamardSpec, taps: int) -> bool:
     """True when v (rows, C·taps) is constant over each Hadamard block of n channels at every tap."""
     blocks = v.reshape(v.shape[0], spec.width // spec.order, spec.order, taps)  # (rows, C/n, n, T)
@@ -212,6 +237,21 @@ def gemm_weight(q: Tensor, scale: Tensor, zero: Tensor | None, fold: HadamardSpe
     colsum = w.reshape(n_out, groups, gs).sum(-1)  # (N, G)
     max_abs = int(w.abs().max()) if w.numel() else 0
     return GemmWeight(ints.contiguous(), scale, zero, colsum, parts, max_abs)
+
+
+def accumulator_bound(gw: GemmWeight, k: int, a_bits: int) -> dict:
+    """K·max|a|·max|w| per GEMM (K per weight group), which must stay below 2^31 for the int32 accumulator.
+
+    Raises:
+        ValueError: the bound reaches 2^31 − 1.
+    """
+    k_gemm = k // gw.scale.shape[1]
+    a_max = 2 ** (a_bits - 1)
+    bound = k_gemm * a_max * gw.digit_max_abs
+    if bound > INT32_MAX:
+        raise ValueError(f"the int32 accumulator can overflow: K={k_gemm} · max|a|={a_max} · max|w|="
+                         f"{gw.digit_max_abs} = {bound} > 2^31 - 1.")
+    return {"k": k_gemm, "max_abs_a": a_max, "max_abs_w": gw.digit_max_abs, "bound": bound, "limit": INT32_MAX}
 
 
 def remove_zero_points(acc: Tensor, a_rowsum: Tensor | None, k: int, za: Tensor | None, zw: Tensor | None,

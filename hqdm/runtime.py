@@ -16,9 +16,7 @@ with entries up to n·2^b. It is built here at load time from the stored low-bit
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -27,15 +25,11 @@ from torch import Tensor, nn
 
 from hqdm import int_fused, qlayer
 from hqdm.adapters import get_adapter
+from hqdm.export_format import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_config, read_manifest, read_tensors
 from hqdm.hadamard import HadamardSpec, signs
 from hqdm.int_matmul import int_mm
 from hqdm.quant_primitives import quantize
 from hqdm.timesteps import Timesteps, attach_timesteps
-
-FORMAT = "hqdm-int"
-FORMAT_VERSION = 1
-"""Version of the export directory format; load_int reads exactly this version."""
-CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE = "config.json", "hqdm_quant.json", "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ the layers
@@ -315,7 +309,7 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """
     path = Path(path)
     manifest = read_manifest(path)
-    config = _read_config(path, manifest)
+    config = read_config(path, manifest)
     tensors = read_tensors(path, manifest)
     import diffusers
 
@@ -329,68 +323,6 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         _set_submodule(model, name, int_layer(name, record, tensors).to(device))
     attach_timesteps(model, get_adapter(model, manifest["family"]).timestep_call)
     return model.eval()
-
-
-def read_manifest(path: Path) -> dict:
-    """The validated manifest of an export directory."""
-    for f in (CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE):
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} is missing: {path} is not a complete hqdm export (hqdm export).")
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / MANIFEST_FILE} is not valid JSON ({err}); re-export the model.") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path / MANIFEST_FILE} is not an hqdm integer-model manifest (no format={FORMAT!r}).")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / MANIFEST_FILE} has format_version={manifest.get('format_version')!r}; this hqdm reads "
-            f"version {FORMAT_VERSION}. Re-export the checkpoint with this hqdm, or load it with the hqdm that "
-            "wrote it."
-        )
-    return manifest
-
-
-def _read_config(path: Path, manifest: dict) -> dict:
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); re-export the model.") from err
-    if config.get("_class_name") != manifest["model_class"]:
-        raise ValueError(
-            f"{path / CONFIG_FILE} describes a {config.get('_class_name')!r} but {MANIFEST_FILE} was exported "
-            f"from a {manifest['model_class']!r}: the directory mixes files of two models. Restore the "
-            "config.json written with this export (or re-export)."
-        )
-    return config
-
-
-def read_tensors(path: Path, manifest: dict) -> dict[str, Tensor]:
-    """Every tensor of model.safetensors, after checking size and sha256 and that each named tensor is there."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    file, meta = path / WEIGHTS_FILE, manifest["files"][WEIGHTS_FILE]
-    data = file.read_bytes()
-    if len(data) != meta["bytes"]:
-        raise ValueError(
-            f"{file} is truncated or padded: {len(data)} bytes, the manifest records {meta['bytes']}. Copy the "
-            "file again or re-export."
-        )
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{file} is corrupted: its sha256 differs from the manifest's. Copy it again or re-export.")
-    try:
-        tensors = load(data)
-    except SafetensorError as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); re-export.") from err
-    names = [(n, f"layer {layer!r}") for layer, r in manifest["layers"].items() for n in r["tensors"].values()]
-    for name, owner in names + [(n, "model") for n in manifest["model_tensors"]]:
-        if name not in tensors:
-            raise ValueError(
-                f"{MANIFEST_FILE} names tensor {name!r} ({owner}) but {file} does not contain it; the export is "
-                "incomplete: re-export."
-            )
-    return tensors
 
 
 def _load_float_tensors(model: nn.Module, manifest: dict, tensors: dict[str, Tensor]) -> None:

@@ -15,10 +15,12 @@ from torch import nn
 import hqdm
 from hqdm.adapters import get_adapter
 from hqdm.export import ExportSummary, export, export_layer
+from hqdm.export_format import MANIFEST_FILE, WEIGHTS_FILE
 from hqdm.metrics import sqnr_db
 from hqdm.prepare import quant_layers
 from hqdm.quant_primitives import unpack_int4
-from hqdm.runtime import MANIFEST_FILE, WEIGHTS_FILE, IntConv2d, IntLinear, load_int
+from hqdm.runtime import IntConv2d, IntLinear, load_int
+from hqdm.safe_io import seal_manifest
 
 PREDICTION_MARGIN_DB = 1.0
 """Held-out batch: the integer model is as close to float as the fake-quant model (measured within 0.1 dB; rounding
@@ -105,11 +107,11 @@ def test_float_tensors_in_bf16(exported, tmp_path):
 
 def test_manifest_records_the_layer_spec(exported):
     manifest = json.loads((exported[1] / MANIFEST_FILE).read_text())
-    assert manifest["format"] == "hqdm-int" and manifest["format_version"] == 1
+    assert manifest["format"] == "hqdm-int" and manifest["format_version"] == 2
     assert manifest["model_class"] == "DiTTransformer2DModel" and manifest["num_train_timesteps"] == 1000
     rec = manifest["layers"]["transformer_blocks.0.ff.net.2"]
     assert rec["config"]["w"]["bits"] == 4 and rec["weight"]["storage"] == "int4x2"
-    assert rec["act"]["table_shape"] == [10] and rec["hadamard"]["order"] == 32
+    assert rec["act"]["table_shape"] == [10] and rec["hadamard"]["order"] == rec["config"]["block"]
     assert rec["fold"]["parts"] >= 1 and rec["accumulator"]["bound"] < 2**31
     parity = manifest["parity"]
     assert parity["output_bound_db"] == pytest.approx(parity["fake_quant_vs_float_db"] - 1.0, abs=0.02)
@@ -214,7 +216,15 @@ def test_wrong_format_version(broken):
     manifest = json.loads((broken / MANIFEST_FILE).read_text())
     manifest["format_version"] = 99
     (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="format_version=99.*reads version 1"):
+    with pytest.raises(ValueError, match="format_version=99.*reads version 2"):
+        load_int(broken)
+
+
+def test_edited_manifest_number_is_refused(broken):
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    manifest["layers"]["transformer_blocks.0.attn1.to_q"]["act"]["bits"] = 8  # an edited bit width
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="modified after export"):
         load_int(broken)
 
 
@@ -227,7 +237,7 @@ def test_missing_tensor(broken):
     (broken / WEIGHTS_FILE).write_bytes(data)
     manifest = json.loads((broken / MANIFEST_FILE).read_text())
     manifest["files"][WEIGHTS_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (broken / MANIFEST_FILE).write_text(json.dumps(seal_manifest(manifest)))  # resealed: only the tensor is missing
     with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn1\.to_k\.w_scale.*does not contain it"):
         load_int(broken)
 

@@ -19,7 +19,7 @@ from hqdm.export import export_layer  # noqa: E402
 from hqdm.kernels import act_quant, int_gemm  # noqa: E402
 from hqdm.metrics import sqnr_db  # noqa: E402
 from hqdm.runtime import int_layer as make_int_layer  # noqa: E402
-from tests.test_runtime import C, N, _batch  # noqa: E402
+from tests.test_runtime import _batch, _layer  # noqa: E402
 
 if INTERPRET and not int_gemm.interpreting():  # imported earlier with compiled kernels: rebuild them interpreted
     importlib.reload(int_gemm)
@@ -44,35 +44,13 @@ CASES = [  # (kind, (w_bits, a_bits), (rotation, center, normalize), extra)
 ]
 
 
-class _Denoiser(torch.nn.Module):
-    """One layer called as `model(x, t)`, so per-timestep tables read t from the call."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, t):
-        return self.layer(x)
-
-
-def _layer(kind, bits, knobs, **extra):
-    rotation, center, normalize = knobs
-    torch.manual_seed(0)
-    base = torch.nn.Linear(C, N) if kind == "linear" else torch.nn.Conv2d(C, N, 3, padding=1)
-    cfg = hqdm.QuantConfig(w_bits=bits[0], a_bits=bits[1], rotation=rotation, center=center, normalize=normalize,
-                           timestep_buckets=4, family="generic",
-                           rules=[hqdm.Rule(pattern="layer", w_bits=bits[0], a_bits=bits[1])], **extra)
-    student, _ = hqdm.prepare(_Denoiser(base), cfg)
-    hqdm.calibrate(student, [_batch(kind, s) for s in range(2)], progress=False)
-    return student.layer
-
-
 def _int_layer(layer):
     return make_int_layer("layer", *export_layer("layer", layer))
 
 
 def _pair(kind, bits, knobs, extra):
-    layer = _layer(kind, bits, knobs, **extra)
+    dynamic, sym = extra.pop("a_dynamic", False), extra.pop("a_symmetric", True)
+    layer = _layer(kind, bits, knobs, dynamic=dynamic, a_symmetric=sym, **extra)
     return layer, _int_layer(layer).to(DEVICE)
 
 

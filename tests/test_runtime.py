@@ -137,17 +137,29 @@ def test_conv_group_weights_in_both_column_orders(group_size, channels_last):
 
 
 # ---------------------------------------------------------------------------------------- layer-level parity
+class Denoiser(nn.Module):
+    """One layer called as `model(x, t)`: per-timestep tables read t from the call, as in a real denoiser."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, t):
+        return self.layer(x)
+
+
 def _layer(kind: str, bits, knobs, dynamic=False, a_symmetric=True, seed=0, **extra) -> QuantLayer:
     """One prepared + calibrated QuantLinear / QuantConv2d (inputs with a large channel mean, as HadaNorm targets)."""
     rotation, center, normalize = knobs
     torch.manual_seed(seed)
     base = nn.Linear(C, N) if kind == "linear" else nn.Conv2d(C, N, 3, padding=1)
+    rules = (hqdm.Rule(pattern="layer", w_bits=bits[0], a_bits=bits[1]),)  # the only layer: not an end layer here
     cfg = hqdm.QuantConfig(w_bits=bits[0], a_bits=bits[1], rotation=rotation, center=center, normalize=normalize,
                            a_dynamic=dynamic, a_symmetric=a_symmetric, timestep_buckets=4, family="generic",
-                           **extra)
-    student, _ = hqdm.prepare(nn.Sequential(base), cfg)
+                           **{"rules": rules, **extra})
+    student, _ = hqdm.prepare(Denoiser(base), cfg)
     hqdm.calibrate(student, [_batch(kind, s) for s in range(2)], progress=False)
-    return student[0]
+    return student.layer
 
 
 def _batch(kind: str, seed: int) -> dict:
@@ -208,9 +220,9 @@ def test_conv_stride_dilation_and_reflect_padding():
                  nn.Conv2d(C, N, 3, padding=1, padding_mode="reflect"), nn.Conv2d(C, N, 2, stride=2, bias=False)):
         for center in ("none", "dynamic"):
             cfg = hqdm.QuantConfig(w_bits=4, a_bits=8, center=center, timestep_buckets=4, family="generic")
-            student, _ = hqdm.prepare(nn.Sequential(conv), cfg)
+            student, _ = hqdm.prepare(Denoiser(conv), cfg)
             hqdm.calibrate(student, [_batch("conv", s) for s in range(2)], progress=False)
-            assert _compare(student[0], "conv") > LAYER_SQNR_FLOOR_DB
+            assert _compare(student.layer, "conv") > LAYER_SQNR_FLOOR_DB
 
 
 @pytest.mark.parametrize("correction_bits", [4, "float"])
