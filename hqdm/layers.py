@@ -85,13 +85,38 @@ class QuantLayer(nn.Module):
         return self.pre_quant(x, self.mean(x))
 
     def transform_input(self, x: Tensor, mu: Tensor | None) -> Tensor:
-        """x̂ before the matmul: Q_a(((x − μ)/σ)·H), rotated back for rotation='single'."""
+        """x̂ before the matmul: Q_a(((x − μ)/σ)·H), rotated back for rotation='single'.
+
+        On CUDA, where `hqdm.kernels.fake_quant` implements the quantizer and rotation, the whole transform is one
+        fused Triton pass forward and one backward (HQDM_FUSED_FAKE_QUANT=0 turns it off); elsewhere the reference.
+        """
+        if self._fuses(x):
+            return self._fused_input(x, mu)
         h = self.pre_quant(x, mu)
         if self.a_quant is not None:
             h = self.a_quant(h)
         if self.config.rotation == "single":
             h = rotate(h, self.hadamard, dim=self.channel_dim, inverse=True)
         return h
+
+    def _fuses(self, x: Tensor) -> bool:
+        a = self.a_quant
+        if not x.is_cuda or a is None or not a.enabled or not a.ready:
+            return False
+        from hqdm.kernels import fake_quant as fq
+
+        return fq.fused_enabled() and fq.act_fusable(a.spec, self.hadamard)
+
+    def _fused_input(self, x: Tensor, mu: Tensor | None) -> Tensor:
+        from hqdm.kernels import fake_quant as fq
+
+        a, s, z = self.a_quant, None, None
+        if not a.spec.dynamic:
+            s, z = qlayer.table_qparams(a.scale, a.zero_point, a.bucket_index(x.shape[0], x.device))  # (B,)
+        return fq.fake_quant_act(x, s, z, qmin=a.spec.qmin, qmax=a.spec.qmax, rotation=self.config.rotation,
+                                 hadamard=self.hadamard, mu=None if mu is None else mu.float(),
+                                 sigma=self.sigma if self.config.normalize else None, channel_dim=self.channel_dim,
+                                 symmetric=a.spec.symmetric)
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float | None = None) -> None:
@@ -125,8 +150,30 @@ class QuantLayer(nn.Module):
         self.weight.requires_grad_(True)
 
     def quant_weight(self) -> Tensor:
-        w = self.effective_weight()
-        return w if self.w_quant is None else self.w_quant(w)
+        """Q_w of the effective weight; on CUDA one fused kernel, computed once per optimizer step (cached)."""
+        q = self.w_quant
+        if q is None or not q.enabled:
+            return self.effective_weight()
+        if self.weight.is_cuda and q.ready:
+            from hqdm.kernels import fake_quant as fq
+
+            if fq.fused_enabled() and fq.weight_fusable(q.spec):
+                return self._fused_weight(fq)
+        return q(self.effective_weight())
+
+    def _fused_weight(self, fq) -> Tensor:
+        q = self.w_quant
+        if getattr(self, "_w_cache", None) is None:
+            self._w_cache = fq.WeightFakeQuantCache()
+        lora = [getattr(self, n) for n in ("lora_A", "lora_B") if getattr(self, n, None) is not None]
+        sources = [self.weight, q.scale, *lora, *([] if q.zero_point is None else [q.zero_point])]
+
+        def compute() -> Tensor:
+            w = self.effective_weight()
+            return fq.fake_quant_weight(w, qlayer.learned_scale(q.scale), q.zero_point, qmin=q.spec.qmin,
+                                        qmax=q.spec.qmax).reshape(w.shape)
+
+        return self._w_cache(compute, *sources)
 
     def original_weight(self) -> Tensor:
         """The weight in its own basis: undoes the folded rotation and σ of rotation='double'."""
@@ -179,6 +226,7 @@ class QuantLayer(nn.Module):
         """rotation='double': W ← W·H along input channels, in float64, cast back once."""
         w = self.weight.data.to(torch.float64)
         self.weight.data.copy_(rotate(w, self.hadamard, dim=1).to(self.weight.dtype))
+        self._w_cache = None
 
     @torch.no_grad()
     def fold_sigma(self, sigma: Tensor) -> None:
@@ -194,6 +242,7 @@ class QuantLayer(nn.Module):
             a = self.lora_A.data.reshape(-1, *self.weight.shape[1:])  # (r, C, ...) like the weight
             self.lora_A.data.copy_(self._refold(a, ratio).reshape(self.lora_A.shape))
         self.sigma.copy_(sigma)
+        self._w_cache = None  # .data writes do not bump _version: drop any cached fake-quantized weight
 
     def _refold(self, m: Tensor, ratio: Tensor) -> Tensor:
         shape = [1] * m.dim()
@@ -310,6 +359,119 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         return conv
 
 
+class QuantConvTranspose2d(QuantConv2d):
+    """nn.ConvTranspose2d as what it equals: a stride-1 conv over the zero-inserted, padded input (kernel flipped).
+
+        x ──insert stride−1 zeros──pad d(k−1)−p (+ output_padding)──▶ z ──QuantConv2d math, stride 1──▶ y
+
+    `weight` holds that conv's (C_out, C_in/g, kh, kw) kernel, so per-output-channel weight scales, rotation along
+    input channels, centering and export follow Conv2d exactly; `transpose_stride`, `transpose_padding` and
+    `output_padding` keep the transposed conv's own arguments. Without centering the forward runs
+    F.conv_transpose2d (the inserted zeros quantize to exactly 0, so both forms agree); with centering it convolves
+    z, whose inserted and padded zeros are centered like any pixel (exact correction μ·W_cᵀ).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, output_padding, groups: int,
+                 bias: bool, dilation, config: LayerQuantConfig, num_train_timesteps: int = 1000, device=None,
+                 dtype=None) -> None:
+        pair = nn.modules.utils._pair
+        super().__init__(in_channels, out_channels, kernel_size, 1, 0, dilation, groups, bias, "zeros", config,
+                         num_train_timesteps, device=device, dtype=dtype)
+        self.transpose_stride, self.transpose_padding = pair(stride), pair(padding)
+        self.output_padding = pair(output_padding)
+
+    @classmethod
+    def from_float(cls, mod: nn.ConvTranspose2d, config: LayerQuantConfig,
+                   num_train_timesteps: int = 1000) -> QuantConvTranspose2d:
+        """Swap in: the equivalent conv kernel of `mod`, a folded 'double' rotation, initialized weight step sizes.
+
+        Raises:
+            ValueError: padding_mode other than 'zeros' (the only one nn.ConvTranspose2d supports).
+        """
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            raise ValueError(f"ConvTranspose2d padding={mod.padding!r}, padding_mode={mod.padding_mode!r}: only "
+                             "integer zero padding is supported.")
+        q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
+                mod.groups, mod.bias is not None, mod.dilation, config, num_train_timesteps,
+                device=mod.weight.device, dtype=mod.weight.dtype)
+        return _load_float(q, mod, conv_weight_of_transpose(mod.weight.detach(), mod.groups))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, transpose_stride={self.transpose_stride}, "
+                f"transpose_padding={self.transpose_padding}, output_padding={self.output_padding}")
+
+    def pad_amounts(self, output_padding: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) padding of the zero-inserted input (negative: cropping)."""
+        oph, opw = self.output_padding if output_padding is None else output_padding
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.transpose_padding
+        top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        return (left, left + opw, top, top + oph)
+
+    def pad(self, x: Tensor, output_padding: tuple[int, int] | None = None) -> Tensor:
+        """z: x with stride − 1 zeros inserted between pixels, then padded (what the equivalent conv reads)."""
+        return F.pad(zero_insert(x, self.transpose_stride), self.pad_amounts(output_padding))
+
+    def _output_padding(self, x: Tensor, output_size) -> tuple[int, int]:
+        if output_size is None:
+            return self.output_padding
+        want = tuple(output_size)[-2:]
+        got = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in
+               zip(x.shape[-2:], self.transpose_stride, self.transpose_padding, self.dilation, self.kernel_size)]
+        pads = tuple(w - g for w, g in zip(want, got))
+        if any(not 0 <= op < max(s, d) for op, s, d in zip(pads, self.transpose_stride, self.dilation)):
+            raise ValueError(f"output_size={tuple(output_size)} is not reachable from input {tuple(x.shape)}: "
+                             f"sizes {got} plus output padding below max(stride, dilation).")
+        return pads
+
+    def forward(self, x: Tensor, output_size=None) -> Tensor:
+        op = self._output_padding(x, output_size)
+        mu = self.mean(x)
+        if mu is None:
+            w = transpose_weight_of_conv(self.quant_weight(), self.groups)
+            return F.conv_transpose2d(self.transform_input(x, None), w, self.bias, self.transpose_stride,
+                                      self.transpose_padding, op, self.groups, self.dilation)
+        y = F.conv2d(self.transform_input(self.pad(x, op), mu), self.quant_weight(), self.bias, 1, 0, self.dilation,
+                     self.groups)
+        correction = qlayer.correction_term(mu, qlayer.taps_summed(self.correction_weight()), self.channel_dim)
+        return y + correction[:, :, None, None]  # (B|1, N, 1, 1)
+
+    def to_float(self) -> nn.ConvTranspose2d:
+        """A plain nn.ConvTranspose2d with the weight in its own basis (quantization dropped)."""
+        w = self.original_weight().detach()
+        conv = nn.ConvTranspose2d(self.in_channels, self.out_channels, self.kernel_size, self.transpose_stride,
+                                  self.transpose_padding, self.output_padding, self.groups, self.bias is not None,
+                                  self.dilation, device=w.device, dtype=w.dtype)
+        conv.weight.data.copy_(transpose_weight_of_conv(w, self.groups))
+        if self.bias is not None:
+            conv.bias.data.copy_(self.bias.detach())
+        return conv
+
+
+def zero_insert(x: Tensor, stride: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, C, (H−1)·s_h + 1, (W−1)·s_w + 1): stride − 1 zeros between neighbouring pixels."""
+    sh, sw = stride
+    if sh == sw == 1:
+        return x
+    b, c, h, w = x.shape
+    out = x.new_zeros(b, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+    out[:, :, ::sh, ::sw] = x
+    return out
+
+
+def conv_weight_of_transpose(w: Tensor, groups: int) -> Tensor:
+    """(C_in, C_out/g, kh, kw) transposed-conv weight -> (C_out, C_in/g, kh, kw) kernel of the equivalent conv."""
+    cin, cog, kh, kw = w.shape
+    v = w.reshape(groups, cin // groups, cog, kh, kw).transpose(1, 2)  # (g, C_out/g, C_in/g, kh, kw)
+    return v.reshape(groups * cog, cin // groups, kh, kw).flip(2, 3)
+
+
+def transpose_weight_of_conv(w: Tensor, groups: int) -> Tensor:
+    """Inverse of `conv_weight_of_transpose`."""
+    cout, cig, kh, kw = w.shape
+    v = w.flip(2, 3).reshape(groups, cout // groups, cig, kh, kw).transpose(1, 2)  # (g, C_in/g, C_out/g, kh, kw)
+    return v.reshape(groups * cig, cout // groups, kh, kw)
+
+
 def _ints_of(fq: FakeQuantizer, w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """The integers a weight quantizer's fake quantization of `w` uses: int8 (N, K), scales, zero points (N|1, G)."""
     g = fq.spec.group_size
@@ -317,9 +479,9 @@ def _ints_of(fq: FakeQuantizer, w: Tensor) -> tuple[Tensor, Tensor, Tensor | Non
     return qlayer.weight_ints(w, scale, zero, g, fq.spec.qmin, fq.spec.qmax)
 
 
-def _load_float(q: QuantLayer, mod: nn.Module) -> QuantLayer:
+def _load_float(q: QuantLayer, mod: nn.Module, weight: Tensor | None = None) -> QuantLayer:
     with torch.no_grad():
-        q.weight.copy_(mod.weight)
+        q.weight.copy_(mod.weight if weight is None else weight)
         if mod.bias is not None:
             q.bias.copy_(mod.bias)
     q.train(mod.training)
