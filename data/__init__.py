@@ -3,12 +3,14 @@
 from hqdm.data.digits import DigitsDataModule
 from hqdm.data.images import ImageDataModule
 from hqdm.data.latents import LatentDataModule
+from hqdm.data.teacher import TeacherTrajectoryDataModule
 from hqdm.data.trajectories import TrajectoryDataModule, write_trajectory_cache
 
 __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "LatentDataModule",
+    "TeacherTrajectoryDataModule",
     "TrajectoryDataModule",
     "write_trajectory_cache",
 ]

@@ -1,8 +1,10 @@
-"""Cached data-free teacher trajectories (EfficientDM / HQ-DM): the storage, not the sampling.
+"""Teacher trajectory caches (EfficientDM / HQ-DM data-free distillation): the storage, not the sampling.
 
-The trainer's data-free mode samples the teacher from noise with random classes and, when ``trajectory_cache`` is
-set, hands every step to ``write_trajectory_cache``; ``TrajectoryDataModule`` replays them as batches
-``{"x_t": (B, C, H, W) float32, "t": (B,) int64, "y": (B,) int64, "target": (B, C', H, W) float32}``.
+``TeacherTrajectoryDataModule`` (``hqdm.data.teacher``) samples the teacher once and hands every step to
+``write_trajectory_cache``; ``TrajectoryDataModule`` replays any such cache (or one written by your own code) as
+batches ``{"x_t": (B, C, H, W) float32, "t": (B,) int64, "y": (B,) int64, "target": (B, C', H, W) float32}``.
+Caches up to ``IN_MEMORY_BYTES`` are read into memory once (a batch is then a few tensor indexings); larger ones
+stay memory-mapped.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from hqdm.data.base import ArrowRows, SplitDataModule, split_indices
+from hqdm.data.base import ArrowRows, SplitDataModule, TensorRows, split_indices
 from hqdm.data.cache import is_cache, load_cache, rechunk, write_cache
 
 FORMAT = "hqdm-trajectories"
 VERSION = 1
 KEYS = ("x_t", "t", "y", "target")
+IN_MEMORY_BYTES = 2**30
+"""Caches up to this size are read into memory at setup: per-row Arrow reads cost ~3 ms, a batch of 64 more than
+a digits training step; bigger caches are served memory-mapped."""
 
 
 def _images(name: str, value, batched: bool) -> Tensor:
@@ -92,6 +98,31 @@ def write_trajectory_cache(cache_dir: str, rows: Iterable[Mapping[str, Tensor | 
     write_cache(cache_dir, rechunk(_checked(rows, num_classes)), {**meta, "format": FORMAT, "version": VERSION})
 
 
+def open_trajectories(cache_dir: str, val_fraction: float, seed: int) -> tuple[dict, Dataset, Dataset]:
+    """(meta, train rows, val rows) of a trajectory cache, split by ``split_indices(n, val_fraction, seed)``.
+
+    Raises:
+        ValueError: ``cache_dir`` holds another kind of cache.
+    """
+    table, meta = load_cache(cache_dir)
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"cache_dir={cache_dir!r} holds a {meta.get('format')!r} cache, not {FORMAT!r}; "
+            "point cache_dir at a folder written by write_trajectory_cache."
+        )
+    train, val = split_indices(len(table), val_fraction, seed)
+    if _row_bytes(meta) * len(table) > IN_MEMORY_BYTES:
+        keys = {key: key for key in KEYS}
+        return meta, ArrowRows(table, train, keys), ArrowRows(table, val, keys)
+    columns = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in table.with_format("numpy")[:].items()}
+    return meta, *(TensorRows(**{key: columns[key][rows] for key in KEYS}) for rows in (train, val))
+
+
+def _row_bytes(meta: dict) -> int:
+    shapes = meta["shapes"]
+    return 4 * (int(np.prod(shapes["x_t"])) + int(np.prod(shapes["target"]))) + 16  # float32 images, int64 t and y
+
+
 class TrajectoryDataModule(SplitDataModule):
     """Replays a trajectory cache as ``{"x_t", "t", "y", "target"}`` batches, split into train/val by ``val_fraction``.
 
@@ -130,22 +161,14 @@ class TrajectoryDataModule(SplitDataModule):
         if self.train_set is not None:
             return
         self._check_exists()
-        table, meta = load_cache(self.cache_dir)
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"cache_dir={self.cache_dir!r} holds a {meta.get('format')!r} cache, not {FORMAT!r}; "
-                "point cache_dir at a folder written by write_trajectory_cache."
-            )
-        self.meta, self.num_classes = meta, meta["num_classes"]
-        self.channels, self.resolution = meta["shapes"]["x_t"][0], meta["shapes"]["x_t"][-1]
-        train, val = split_indices(len(table), self.val_fraction, self.seed)
-        self.train_set = ArrowRows(table, train, {key: key for key in KEYS})
-        self.val_set = ArrowRows(table, val, {key: key for key in KEYS})
+        self.meta, self.train_set, self.val_set = open_trajectories(self.cache_dir, self.val_fraction, self.seed)
+        self.num_classes = self.meta["num_classes"]
+        self.channels, self.resolution = self.meta["shapes"]["x_t"][0], self.meta["shapes"]["x_t"][-1]
 
     def _check_exists(self) -> None:
         if not is_cache(self.cache_dir):
             raise FileNotFoundError(
-                f"cache_dir={self.cache_dir!r} holds no trajectory cache. Create it by running the trainer in "
-                "data-free mode with trajectory_cache set to this folder (it calls "
-                "hqdm.data.write_trajectory_cache), or fix the path."
+                f"cache_dir={self.cache_dir!r} holds no trajectory cache. Create it with "
+                "hqdm.data.TeacherTrajectoryDataModule(cache_dir=...) (a data-free run samples the teacher into it) "
+                "or hqdm.data.write_trajectory_cache, or fix the path."
             )

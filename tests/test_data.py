@@ -1,4 +1,5 @@
-"""Datamodules: batch format, splits, image preprocessing, the latent cache and the trajectory cache."""
+"""Datamodules: batch format, splits, image preprocessing, the latent cache, the trajectory cache and the teacher
+trajectories sampled into it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import torch
 from PIL import Image
 
 import hqdm.data.latents as latents_module
+import hqdm.data.trajectories as trajectories_module
 from hqdm.data import (
     DigitsDataModule,
     ImageDataModule,
     LatentDataModule,
+    TeacherTrajectoryDataModule,
     TrajectoryDataModule,
     write_trajectory_cache,
 )
+from hqdm.data.base import ArrowRows, TensorRows
 from hqdm.data.cache import META_FILE, load_cache
+from hqdm.data.teacher import recipe_hash
 
 SIZES = {"cat": [(20, 30), (30, 20), (16, 16)], "dog": [(24, 40), (18, 18), (40, 40)]}  # (width, height)
 COLORS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
@@ -260,7 +265,7 @@ def test_trajectory_round_trip(tmp_path, monkeypatch):
 
 
 def test_trajectory_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data-free mode"):
+    with pytest.raises(FileNotFoundError, match="TeacherTrajectoryDataModule"):
         TrajectoryDataModule(str(tmp_path / "missing")).setup()
     with pytest.raises(ValueError, match="num_classes"):
         write_trajectory_cache(str(tmp_path / "a"), trajectory_rows(), {})
@@ -270,3 +275,76 @@ def test_trajectory_errors(tmp_path):
     write_trajectory_cache(str(tmp_path / "c"), trajectory_rows(), {"num_classes": 3})
     with pytest.raises(FileExistsError, match="delete it"):
         write_trajectory_cache(str(tmp_path / "c"), trajectory_rows(), {"num_classes": 3})
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "memory_mapped"])
+def test_trajectory_rows_in_memory_and_memory_mapped_agree(tmp_path, monkeypatch, in_memory):
+    if not in_memory:
+        monkeypatch.setattr(trajectories_module, "IN_MEMORY_BYTES", 0)
+    write_trajectory_cache(str(tmp_path / "c"), trajectory_rows(), {"num_classes": 3})
+    dm = TrajectoryDataModule(str(tmp_path / "c"), batch_size=3, val_fraction=0.2)
+    dm.setup()
+    assert isinstance(dm.train_set, TensorRows if in_memory else ArrowRows)
+    rows = all_rows(dm.train_dataloader())
+    assert rows["x_t"].dtype == torch.float32 and rows["t"].dtype == torch.int64 and len(rows["t"]) == 8
+    x = {int(t): row for t, row in zip(rows["t"], rows["x_t"])}
+    expected = {i: r["x_t"] for i, r in enumerate(trajectory_rows()) if r["x_t"].ndim == 3}
+    assert all(torch.equal(x[i], v) for i, v in expected.items() if i in x)
+
+
+class FakeSampler:
+    """A TrajectorySampler without a model: row i of sample s has t = s, x_t filled with the seed."""
+
+    num_labels = 3
+
+    def __init__(self, teacher: str = "a") -> None:
+        self.teacher, self.calls = teacher, []
+
+    def recipe(self) -> dict:
+        return {"source": {"pretrained": self.teacher}, "diffusion": {"num_steps": 2}, "label_dropout": 0.1}
+
+    def rows(self, num_samples, batch_size, seed, device, progress):
+        self.calls.append((num_samples, batch_size, seed, device, progress))
+        for s in range(num_samples):
+            for step in range(2):
+                yield {"x_t": torch.full((1, 4, 4), float(seed)), "t": 10 * s + step, "y": s % 3,
+                       "target": torch.full((1, 4, 4), float(s))}
+
+
+def test_teacher_trajectories_are_cached_by_recipe_under_the_run_root(tmp_path):
+    sampler = FakeSampler()
+    dm = TeacherTrajectoryDataModule(num_samples=3, batch_size=2, generate_batch_size=2, val_fraction=0.34)
+    dm.bind(sampler, str(tmp_path))
+    assert dm.recipe() == {**sampler.recipe(), "num_samples": 3, "generate_batch_size": 2, "seed": 0}
+    path = tmp_path / "trajectories" / recipe_hash(dm.recipe())
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        dm.setup()
+    dm.prepare_data()
+    assert dm.cache_path() == str(path) and sampler.calls == [(3, 2, 0, None, True)]
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), dm.num_classes) == (4, 2, 3)
+    assert sorted(all_rows(dm.train_dataloader())["t"].tolist() + all_rows(dm.val_dataloader())["t"].tolist()) == [
+        0, 1, 10, 11, 20, 21]
+    again = TeacherTrajectoryDataModule(num_samples=3, batch_size=2, generate_batch_size=2).bind(sampler, str(tmp_path))
+    again.prepare_data()
+    assert len(sampler.calls) == 1, "the same recipe must not sample again"
+    served = dict(batch_size=5, val_fraction=0.5, num_workers=1)  # serving options: the same cache
+    assert TeacherTrajectoryDataModule(3, generate_batch_size=2, **served).bind(sampler, str(tmp_path)).cache_path() \
+        == str(path)
+    for changed in (dict(num_samples=4), dict(seed=1), dict(generate_batch_size=3)):
+        other = TeacherTrajectoryDataModule(**{"num_samples": 3, "generate_batch_size": 2, **changed})
+        assert other.bind(sampler, str(tmp_path)).cache_path() != str(path), changed
+    assert again.bind(FakeSampler("b"), str(tmp_path)).cache_path() != str(path)
+    stale = TeacherTrajectoryDataModule(3, generate_batch_size=2, cache_dir=str(path)).bind(FakeSampler("b"))
+    with pytest.raises(ValueError, match=r"differs in \['source'\]"):
+        stale.prepare_data()
+
+
+def test_teacher_trajectories_explain_a_missing_teacher(tmp_path):
+    with pytest.raises(ValueError, match="outside a Trainer"):
+        TeacherTrajectoryDataModule(cache_dir=str(tmp_path / "c")).prepare_data()
+    with pytest.raises(ValueError, match="no run root"):
+        TeacherTrajectoryDataModule().bind(FakeSampler()).prepare_data()
+    with pytest.raises(ValueError, match="num_samples=0"):
+        TeacherTrajectoryDataModule(num_samples=0)
+
