@@ -66,5 +66,5 @@ def test_large_configs_run_on_tiny_random_models(name, tiny, classes, tmp_path, 
                                   "digits_unet_teacher"])
 def test_digits_configs_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = ["--model.trajectories.num_samples=4"] if "w4a4" in name else []
+    extra = ["--data.init_args.num_samples=4", "--data.init_args.progress=false"] if "w4a4" in name else []
     main(["fit", "--config", str(CONFIGS[0].parent / f"{name}.yaml"), *SMALL_RUN, *extra])

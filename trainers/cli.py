@@ -36,7 +36,7 @@ class HqdmCLI(LightningCLI):
         set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings -> --help
         super().__init__(
             DistillModule,
-            None,  # any datamodule, by class_path; optional: input_mode='trajectories' brings its own data
+            None,  # any datamodule, by class_path (hqdm.data.TeacherTrajectoryDataModule for data-free runs)
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # DistillModule builds its parameter groups itself
             trainer_defaults=TRAINER_DEFAULTS,

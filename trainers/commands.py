@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 
 from hqdm.trainers.module import DistillModule
 from hqdm.trainers.options import Diffusion, Sampler
+from hqdm.trainers.run_data import command_data, val_loader
 from hqdm.trainers.source import resolve_path
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -90,16 +91,16 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
     """
     module, datamodule = load_run(config, ckpt_path, device)
     out = Path(out_dir)
-    if module.teacher is None:  # an FP run: a plain diffusers folder, e.g. a teacher for hqdm/assets
+    if module.mode == "fp":  # an FP run: a plain diffusers folder, e.g. a teacher for hqdm/assets
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out_dir.")
         module.student.save_pretrained(out)
     else:
         from hqdm.export import export as export_int
 
-        data = module.ensure_data(datamodule)
+        data = command_data(module, datamodule, ckpt_path, config)  # the run's cache: never re-sampled
         module.ensure_calibrated(data)
-        batches = module.calibration_batches(data.val_dataloader(), calibration_batches)
+        batches = module.calibration_batches(val_loader(data), calibration_batches)
         print(export_int(module.student, out, calibration_batches=batches, family=module.quant.family,
                          overwrite=overwrite))
     module.diffusion.sampling_scheduler().save_config(out)
@@ -181,11 +182,11 @@ def report(ckpt_path: str | None = None, config: str | None = None, batches: int
     from hqdm.report import quant_report
 
     module, datamodule = load_run(config, ckpt_path, device)
-    if module.teacher is None:
+    if module.mode == "fp":
         raise ValueError("This run trains an FP model (quant: null): there is no quantized student to report on.")
-    data = module.ensure_data(datamodule)
+    data = command_data(module, datamodule, ckpt_path, config)
     state = "PTQ, calibrated now" if module.ensure_calibrated(data) else f"checkpoint {ckpt_path}"
-    eval_batches = module.calibration_batches(data.val_dataloader(), batches)
+    eval_batches = module.calibration_batches(val_loader(data), batches)
     result = quant_report(module.student, module.teacher, eval_batches, family=module.quant.family, plot=plot)
     print(f"hqdm report ({state}; {len(eval_batches)} batches):")
     print(result.table(per_layer=per_layer))

@@ -1,14 +1,20 @@
 """DistillModule: the Lightning system of hqdm: student, frozen teacher, noise schedule, loss and optimizers.
 
-    real data {x, y} ──noise at random t, CFG label dropout (one mask)──▶ {x_t, t, y}
-    trajectory rows  ──as the teacher recorded them────────────────────▶ {x_t, t, y, target}
+    datamodule batch
+      real data {x, y}      ──DiffusionInputs: noise at random t, CFG label dropout (one mask)──▶ {x_t, t, y}
+      trajectory rows       ──as hqdm.data.TeacherTrajectoryDataModule cached them──────────────▶ {x_t, t, y, target}
                                         │
           student (prepared, fake-quantized) ──┐
           teacher (FP, frozen, eval) ──────────┴──▶ MSE of the predictions  [+ block-feature MSE]  [CFG-combined]
 
-`quant=None` trains the floating-point model itself with the plain diffusion loss (no teacher): the same `fit`
-trains the teachers. The teacher is deliberately not a registered submodule: it never enters `state_dict`,
-checkpoints, the optimizer or DDP; it is rebuilt from `source` in `__init__` and follows the module's device.
+Two modes. 'distill' (`quant` set): the student learns from the frozen teacher. 'fp' (`quant=None`): the model
+itself trains on the plain diffusion loss, without a teacher; the shipped teachers are trained that way.
+
+The teacher is a registered submodule (it shows in `print(module)` and moves with the module), frozen
+(`requires_grad=False`: DDP reduces none of it and no optimizer group holds it) and kept in eval mode. It is not
+checkpointed, as Lightning documents for partial checkpoints: `on_save_checkpoint` drops its keys and
+`on_load_checkpoint` puts back those of the teacher rebuilt from `source`, so loading stays strict for the student.
+The data (real or data-free) comes from the datamodule; this module only trains and evaluates.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from hqdm.adapters import get_adapter
 from hqdm.calibrate import calibrate, is_calibrated
 from hqdm.config import QuantConfig, Rule
 from hqdm.prepare import prepare, quant_layers
-from hqdm.trainers import trajectories as traj
-from hqdm.trainers.evaluation import BucketSQNR, stratified_timesteps
+from hqdm.trainers.evaluation import log_image
+from hqdm.trainers.inputs import DiffusionInputs
 from hqdm.trainers.losses import (
     capture_outputs,
     double_for_guidance,
@@ -36,12 +42,17 @@ from hqdm.trainers.losses import (
     resolve_feature_modules,
 )
 from hqdm.trainers.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, param_groups
-from hqdm.trainers.options import Diffusion, Evaluation, Loss, Trajectories
+from hqdm.trainers.options import Diffusion, Evaluation, Loss
 from hqdm.trainers.source import ModelSource
-from hqdm.trainers.validation import EvaluationSteps
+from hqdm.trainers.trajectories import TeacherSampler
+from hqdm.trainers.validation import Evaluator
 
 # Checkpoints pickle the hyperparameters; these classes are what they hold besides plain values.
-torch.serialization.add_safe_globals([ModelSource, QuantConfig, Rule, Diffusion, Trajectories, Loss, Evaluation])
+torch.serialization.add_safe_globals([ModelSource, QuantConfig, Rule, Diffusion, Loss, Evaluation])
+
+Mode = Literal["distill", "fp"]
+TEACHER = "teacher."
+"""State-dict prefix of the teacher's tensors: never written to checkpoints."""
 
 
 def class_info(model: nn.Module, adapter) -> tuple[int, int | None]:
@@ -55,20 +66,28 @@ def class_info(model: nn.Module, adapter) -> tuple[int, int | None]:
     return 0, None
 
 
-class DistillModule(EvaluationSteps, LightningModule):
+def disable_label_dropout(model: nn.Module) -> list[str]:
+    """Zero diffusers' in-model label dropout (LabelEmbedding drops classes in train mode, in each block apart);
+    the trainer drops labels once per step instead, one mask for the teacher and the student. Returns notes."""
+    notes = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "LabelEmbedding" and getattr(module, "dropout_prob", 0) > 0:
+            notes.append(f"{name}: label dropout {module.dropout_prob} -> 0 (CFG dropout happens in the step)")
+            module.dropout_prob = 0.0
+    return notes
+
+
+class DistillModule(LightningModule):
     """QAT by distillation from the frozen FP teacher (or, with quant=None, FP training with the diffusion loss).
 
     Args:
         source: the diffusers model: student starting point and (rebuilt on every load) the frozen teacher.
         quant: quantization of the student; None trains the FP model itself with the plain diffusion loss.
         diffusion: noise schedule, prediction type, and the sampler of grids and trajectories.
-        input_mode: 'data': batches from the datamodule (images / latents forward-noised at random timesteps, or
-            trajectory rows of a TrajectoryDataModule); 'trajectories': data-free, the module generates teacher
-            trajectories itself (no datamodule).
-        trajectories: how data-free trajectories are generated and served.
         loss: distillation loss options (feature MSE, CFG-combined prediction).
         label_dropout: classifier-free-guidance dropout: the share of labels replaced by the null class, drawn once
-            per step and shared by teacher and student (real data; trajectories draw null classes when sampling).
+            per step and shared by teacher and student (real data; teacher trajectories draw null classes when
+            sampling). The models' own label dropout is set to 0.
         lora_rank: 0 fine-tunes all weights; r > 0 trains rank-r LoRA factors of the quantized layers (merged into
             the weight before weight fake quantization) and the step sizes, everything else frozen.
         lora_alpha: LoRA scale numerator (update = alpha / rank · B·A); None means alpha = rank.
@@ -90,8 +109,6 @@ class DistillModule(EvaluationSteps, LightningModule):
         source: ModelSource,
         quant: QuantConfig | None = None,
         diffusion: Diffusion = Diffusion(),
-        input_mode: Literal["data", "trajectories"] = "data",
-        trajectories: Trajectories = Trajectories(),
         loss: Loss = Loss(),
         label_dropout: float = 0.1,
         lora_rank: int = 0,
@@ -109,38 +126,39 @@ class DistillModule(EvaluationSteps, LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # under LightningCLI these are the config's plain values; typed copies below
-        self.source, self.quant, self.diffusion = source, quant, diffusion
-        self.trajectories, self.loss_options, self.evaluation = trajectories, loss, evaluation
-        self._check_args(quant, diffusion, input_mode, label_dropout, lora_rank, calibration_batches)
+        self.source, self.quant, self.diffusion, self.loss_options = source, quant, diffusion, loss
+        self._check_args(quant, diffusion, label_dropout, lora_rank, calibration_batches)
         model = source.build()
         self.adapter = get_adapter(model, quant.family if quant else "auto")
         self.num_classes, self.null_class = class_info(model, self.adapter)
         self._check_guidance(diffusion.guidance_scale, loss.guidance_scale)
-        if quant is None:
-            self.adapter.setup_student(model)
-            self.student, teacher, self.prepare_report = model, None, None
+        self.label_dropout_notes = disable_label_dropout(model)
+        if self.mode == "fp":
+            self.student, self.teacher, self.prepare_report = model, None, None
         else:
             self.student, self.prepare_report = prepare(model, quant)
-            teacher = model.eval().requires_grad_(False)
-        self.__dict__["teacher"] = teacher  # bypasses nn.Module registration on purpose (see module docstring)
+            self.teacher = model.eval().requires_grad_(False)
         if lora_rank:
             self._add_lora()
-        self.noise_scheduler = diffusion.noise_scheduler()
-        self.eval_sqnr = BucketSQNR(evaluation.buckets, diffusion.num_train_timesteps)
+        self.inputs = DiffusionInputs(diffusion, self.null_class, label_dropout, target=self.mode == "fp")
+        caption = "model (FP)" if quant is None else f"student W{quant.w_bits}A{quant.a_bits}"
+        self.evaluator = Evaluator(self.adapter, diffusion, evaluation, self.inputs, self.num_classes,
+                                   self.null_class, "target" if self.mode == "fp" else "teacher", caption)
         self.feature_names = resolve_feature_modules(model, loss.feature_modules) if loss.feature_weight else []
-        self.trajectory_data = None
-        self._teacher_grid: tuple[tuple, Tensor] | None = None
+
+    @property
+    def mode(self) -> Mode:
+        """'distill' (a quantized student learns from the frozen teacher) or 'fp' (quant=None: plain training)."""
+        return "fp" if self.quant is None else "distill"
 
     # ---- construction -----------------------------------------------------------------------------------------
     @staticmethod
-    def _check_args(quant, diffusion, input_mode, label_dropout, lora_rank, calibration_batches) -> None:
+    def _check_args(quant, diffusion, label_dropout, lora_rank, calibration_batches) -> None:
         if quant is not None and quant.num_train_timesteps != diffusion.num_train_timesteps:
             raise ValueError(
                 f"quant.num_train_timesteps={quant.num_train_timesteps} differs from diffusion.num_train_timesteps="
                 f"{diffusion.num_train_timesteps}; the per-timestep tables must divide the schedule the model uses."
             )
-        if input_mode == "trajectories" and quant is None:
-            raise ValueError("input_mode='trajectories' distills from a teacher: set quant (or use input_mode='data').")
         if lora_rank and quant is None:
             raise ValueError(f"lora_rank={lora_rank} adds LoRA to quantized layers: set quant, or lora_rank=0.")
         if lora_rank < 0 or calibration_batches < 1:
@@ -166,31 +184,34 @@ class DistillModule(EvaluationSteps, LightningModule):
             for q in layer.quantizers():
                 q.requires_grad_(True)
 
-    def _apply(self, fn, recurse: bool = True):
-        """Device / dtype moves (`.to`, `.cuda`, `.half`) also reach the unregistered teacher."""
-        super()._apply(fn, recurse)
-        if getattr(self, "teacher", None) is not None:
-            self.teacher._apply(fn, recurse)
+    def train(self, mode: bool = True) -> DistillModule:
+        """Train / eval mode of the student; the teacher stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
-    # ---- data -------------------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Data-free mode with a cache_dir: generate the teacher trajectories once (rank 0) or check the cache."""
-        cache_dir = self._cache_dir()
-        if cache_dir is None:
-            return
-        wanted = self._recipe()
-        if traj.is_cache(cache_dir):
-            traj.check_recipe(cache_dir, wanted)
-            return
-        rank_zero_info(f"hqdm: generating {self.trajectories.num_samples} teacher trajectories -> {cache_dir}")
-        traj.write_cache(cache_dir, self._teacher_rows(), wanted, self.num_classes, self.null_class)
+    def trajectory_sampler(self) -> TeacherSampler:
+        """The teacher's sampler, for hqdm.data.TeacherTrajectoryDataModule (data-free distillation)."""
+        if self.mode == "fp":
+            raise ValueError(
+                "TeacherTrajectoryDataModule distills from a teacher, and this run trains an FP model (quant: null) "
+                "without one: set quant, or train on real data (e.g. data: hqdm.data.DigitsDataModule)."
+            )
+        return TeacherSampler(self.teacher, self.adapter, self.source, self.diffusion, self.num_classes,
+                              self.null_class, self.hparams.label_dropout)
 
-    def setup(self, stage: str) -> None:
-        """Data-free mode: serve the teacher trajectories (generated here when they are not cached)."""
-        if self.hparams.input_mode == "trajectories":
-            self._setup_trajectories()
+    # ---- checkpoints: the teacher is rebuilt from `source`, never saved -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER)]:
+            del state[key]
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+
+    # ---- calibration (PTQ start) --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """PTQ-calibrate a fresh student; a resumed one is calibrated already (its flags are checkpointed buffers)."""
         self._calibrate_if_needed()
@@ -205,122 +226,35 @@ class DistillModule(EvaluationSteps, LightningModule):
         self._calibrate_if_needed()
 
     def _calibrate_if_needed(self) -> None:
-        self.ensure_calibrated(self.trajectory_data or self.trainer.datamodule, progress=self.trainer.is_global_zero)
+        if self.mode == "fp" or is_calibrated(self.student):
+            return
+        if self.trainer.datamodule is None:
+            raise ValueError(
+                "DistillModule calibrates from the datamodule's train loader and none was given: add a `data:` "
+                "section (e.g. class_path: hqdm.data.TeacherTrajectoryDataModule for data-free distillation, or "
+                "hqdm.data.DigitsDataModule), or pass datamodule= to the Trainer call."
+            )
+        self.ensure_calibrated(self.trainer.datamodule, progress=self.trainer.is_global_zero)
 
     def ensure_calibrated(self, data, progress: bool = True) -> bool:
         """PTQ calibration from `calibration_batches` batches of `data`'s train loader; False if nothing to do."""
-        if self.teacher is None or is_calibrated(self.student):
+        if self.mode == "fp" or is_calibrated(self.student):
             return False
-        source = data if data is not None else self  # no datamodule: the module's own loaders (or their error)
-        batches = self.calibration_batches(source.train_dataloader(), self.hparams.calibration_batches)
+        batches = self.calibration_batches(data.train_dataloader(), self.hparams.calibration_batches)
         rank_zero_info(f"hqdm: {self.prepare_report.table().splitlines()[0]}; calibrating (PTQ)")
         calibrate(self.student, batches, family=self.quant.family, progress=progress)
         return True
 
-    def ensure_data(self, datamodule=None):
-        """Prepare and set up what this module reads, outside a Trainer (the export / sample / report commands)."""
-        if self.hparams.input_mode == "trajectories":
-            self.prepare_data()
-            self._setup_trajectories()
-            return self.trajectory_data
-        if datamodule is None:
-            self._own_data()  # raises the explanation
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        return datamodule
-
-    def _cache_dir(self) -> str | None:
-        cache_dir = self.trajectories.cache_dir
-        if self.hparams.input_mode != "trajectories" or cache_dir is None:
-            return None
-        return str(Path(cache_dir).expanduser())
-
-    def _recipe(self) -> dict:
-        return traj.recipe(self.source.to_dict(), self.diffusion, self.trajectories, self.hparams.label_dropout)
-
-    def _teacher_rows(self):
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        self.teacher.to(device)
-        return traj.teacher_rows(self.teacher, self.adapter, self.diffusion, self.trajectories,
-                                 self.num_classes, self.null_class, self.hparams.label_dropout, device)
-
-    def _setup_trajectories(self) -> None:
-        if self.trajectory_data is not None:
-            return
-        if self._trainer is not None and self.trainer.datamodule is not None:
-            raise ValueError(
-                "input_mode='trajectories' generates its own data from the teacher, but a datamodule was given too. "
-                "Remove the `data:` section, or use input_mode='data' (e.g. with hqdm.data.TrajectoryDataModule)."
-            )
-        cache_dir = self._cache_dir()
-        if cache_dir is None:
-            rank_zero_info(f"hqdm: generating {self.trajectories.num_samples} teacher trajectories in memory")
-            self.trajectory_data = traj.memory_datamodule(self._teacher_rows(), self.trajectories)
-        else:
-            traj.check_recipe(cache_dir, self._recipe())
-            self.trajectory_data = traj.cached_datamodule(cache_dir, self.trajectories)
-
-    def _own_data(self):
-        if self.trajectory_data is None:
-            raise ValueError(
-                "input_mode='data' reads batches from a datamodule and none was given: add a `data:` section (e.g. "
-                "class_path: hqdm.data.DigitsDataModule), or use input_mode='trajectories' for data-free "
-                "distillation. (hqdm export / report: pass the run's YAML with --config.)"
-            )
-        return self.trajectory_data
-
-    def train_dataloader(self):
-        return self._own_data().train_dataloader()
-
-    def val_dataloader(self):
-        return self._own_data().val_dataloader()
-
-    def test_dataloader(self):
-        return self._own_data().test_dataloader()
-
-    def predict_dataloader(self):
-        return self._own_data().predict_dataloader()
-
-    # ---- inputs -----------------------------------------------------------------------------------------------
-    def model_inputs(self, batch: dict, generator: torch.Generator | None = None, timesteps: Tensor | None = None,
-                     dropout: bool = True) -> dict:
-        """{x_t, t, y, target, context}: trajectory rows as they are; real data noised (one draw for both models)."""
-        if "x_t" in batch:
-            return {"x_t": batch["x_t"], "t": batch["t"].long(), "y": batch["y"].long(), "target": batch["target"],
-                    "context": batch.get("context")}
-        x0 = batch["x"]
-        n, device = x0.shape[0], x0.device
-        y = batch["y"].long() if "y" in batch else torch.zeros(n, dtype=torch.long, device=device)
-        gen_device = generator.device if generator is not None else device
-        t = timesteps if timesteps is not None else torch.randint(
-            0, self.diffusion.num_train_timesteps, (n,), generator=generator, device=gen_device).to(device)
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
-        if dropout:
-            y = traj.drop_labels(y, self.hparams.label_dropout, self.null_class, generator)
-        return {"x_t": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "y": y,
-                "target": self._diffusion_target(x0, noise, t) if self.teacher is None else None,
-                "context": batch.get("context")}
-
-    def _diffusion_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        kind = self.diffusion.prediction_type
-        if kind == "epsilon":
-            return noise
-        return self.noise_scheduler.get_velocity(x0, noise, t) if kind == "v_prediction" else x0
-
     @torch.no_grad()
     def calibration_batches(self, loader, count: int) -> list[dict]:
         """`count` batches {x, t, y} for hqdm.calibrate, timesteps stratified over the scale-table buckets."""
-        generator = torch.Generator().manual_seed(self.evaluation.seed)
-        buckets = self.quant.timestep_buckets if self.quant else self.evaluation.buckets
+        generator = torch.Generator().manual_seed(self.evaluator.options.seed)
+        buckets = self.quant.timestep_buckets if self.quant else self.evaluator.options.buckets
         out = []
         for i, batch in zip(range(count), loader):
             batch = move_data_to_device(batch, self.device)
-            t = None
-            if "x_t" not in batch:
-                n = batch["x"].shape[0]
-                offset = i * n
-                t = stratified_timesteps(n, buckets, self.diffusion.num_train_timesteps, generator, offset)
-            inputs = self.model_inputs(batch, generator, None if t is None else t.to(self.device))
+            offset = i * len(batch["x"]) if "x" in batch else 0
+            inputs = self.inputs.stratified(batch, buckets, generator, offset, dropout=True)
             out.append({"x": inputs["x_t"], "t": inputs["t"], "y": inputs["y"], "context": inputs["context"]})
         return out
 
@@ -340,7 +274,7 @@ class DistillModule(EvaluationSteps, LightningModule):
             pred = self.predict_noise(self.student, x, t, y, context)
         t_feats: dict = {}
         if inputs.get("target") is not None and guidance is None and not self.feature_names:
-            ref = inputs["target"]
+            ref = inputs["target"]  # a trajectory row: the teacher's prediction, recorded when it was sampled
         else:
             with torch.no_grad(), capture_outputs(self.teacher, self.feature_names) as t_feats:
                 ref = self.predict_noise(self.teacher, x, t, y, context)
@@ -349,8 +283,8 @@ class DistillModule(EvaluationSteps, LightningModule):
         return pred, ref, s_feats, t_feats
 
     def compute_loss(self, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Distillation loss (or the FP diffusion loss without a teacher) and its parts for logging."""
-        if self.teacher is None:
+        """The distillation loss ('distill') or the diffusion loss ('fp'), and its parts for logging."""
+        if self.mode == "fp":
             pred = self.predict_noise(self.student, inputs["x_t"], inputs["t"], inputs["y"], inputs["context"])
             return F.mse_loss(pred.float(), inputs["target"].float()), {}
         pred, ref, s_feats, t_feats = self.distill_outputs(inputs)
@@ -367,13 +301,60 @@ class DistillModule(EvaluationSteps, LightningModule):
         return torch.Generator(device=device).manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        inputs = self.model_inputs(batch, self.step_generator(self.device))
+        inputs = self.inputs(batch, self.step_generator(self.device))
         loss, parts = self.compute_loss(inputs)
         n = inputs["x_t"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=n)
         return loss
+
+    # ---- evaluation (hqdm.trainers.validation.Evaluator) --------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """Student samples for the batch's labels (seeded per batch), in the model's data space."""
+        return self.evaluator.predict(self.student, batch, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        mse, n = self.evaluator.step(self.student, self.teacher, batch, batch_idx)
+        self.log(f"{stage}/loss", mse, batch_size=n)
+
+    def _end_eval(self, stage: str) -> None:
+        metrics = self.evaluator.metrics(stage)
+        self.log_dict(metrics)
+        samples = self._sample_grid(stage)
+        if samples:
+            self.log_dict(samples, rank_zero_only=True)
+        if self.trainer.sanity_checking and self.logger is not None:
+            # Lightning drops what the sanity check logs; here it is the PTQ (or resumed) baseline, so keep it.
+            self.logger.log_metrics({**metrics, **samples}, step=self.global_step)
+
+    def _sample_grid(self, stage: str) -> dict[str, float]:
+        """Teacher | student grid under <log_dir>/samples (rank 0 alone draws it); PSNR / SSIM vs the teacher."""
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, before rank 0 draws alone
+        if not self.trainer.is_global_zero or not self.evaluator.draws_grids(self.student):
+            return {}
+        path = Path(log_dir or self.trainer.default_root_dir, "samples", f"{stage}_step{self.global_step:06d}.png")
+        metrics = self.evaluator.sample_grid(self.student, self.teacher, path, stage)
+        log_image(self.logger, f"{stage}/samples", path, self.global_step)
+        return metrics
 
     # ---- optimization -----------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,125 +1,130 @@
-"""Validation, test and predict steps of DistillModule: SQNR per timestep bucket, sample grids, PSNR / SSIM.
+"""Evaluation of a student against its reference: SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM.
 
-A mixin: it reads what DistillModule builds (student, teacher, adapter, diffusion, evaluation, eval_sqnr,
-model_inputs, predict_noise) and adds nothing to the state dict.
+`Evaluator` is built from what it needs (how to call the models, the schedule and sampler, the evaluation options,
+the classes, the input component) and is handed the models on every call: it holds no model, so it adds nothing
+to the state dict and never a second reference to the student. DistillModule calls it from its validation / test /
+predict hooks and logs what it returns.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from hqdm.adapters import Adapter
 from hqdm.sampling import save_grid
 from hqdm.trainers.evaluation import (
+    BucketSQNR,
     decode_latents,
     draw,
     grid_labels,
     image_fidelity,
     load_vae,
-    log_image,
-    stratified_timesteps,
 )
+from hqdm.trainers.inputs import DiffusionInputs
+from hqdm.trainers.options import Diffusion, Evaluation
+
+Reference = Literal["teacher", "target"]
+"""What the student is measured against: the teacher's prediction (distillation) or the batch's target (FP)."""
 
 
-class EvaluationSteps:
-    """Deterministic evaluation against the teacher: same seeds, same noise, same timesteps for both models."""
+class Evaluator(nn.Module):
+    """Deterministic evaluation: same seeds, same noise, same timesteps for the student and its reference.
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
+    A module only so that its SQNR metric follows the system's device and is reduced across DDP ranks.
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+    Args:
+        adapter: how to call the models.
+        diffusion: the sampler, step count and guidance of the sample grids.
+        options: buckets, grid size, seed, and the VAE that decodes latent grids.
+        inputs: turns batches into model inputs (seeded noise and stratified timesteps for real data).
+        num_classes: real classes of the model (0: unconditional).
+        null_class: the unconditional label, or None.
+        reference: 'teacher' (distillation) or 'target' (FP training: the diffusion target of the batch).
+        caption: the label of the student's panel in the grids.
+    """
 
-    def on_validation_epoch_start(self) -> None:
-        self.eval_sqnr.reset()
+    def __init__(self, adapter: Adapter, diffusion: Diffusion, options: Evaluation, inputs: DiffusionInputs,
+                 num_classes: int, null_class: int | None, reference: Reference, caption: str) -> None:
+        super().__init__()
+        self.adapter, self.diffusion, self.options, self.inputs = adapter, diffusion, options, inputs
+        self.num_classes, self.null_class, self.reference, self.caption = num_classes, null_class, reference, caption
+        self.sqnr = BucketSQNR(options.buckets, diffusion.num_train_timesteps)
+        self._memo: dict = {}  # the VAE and the teacher's grid: plain attributes, never in the state dict
 
-    def on_test_epoch_start(self) -> None:
-        self.eval_sqnr.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval("test")
+    # ---- prediction fidelity --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.sqnr.reset()
 
     def eval_inputs(self, batch: dict, batch_idx: int) -> dict:
-        """Deterministic inputs: trajectory rows as they are; real data with seeded noise and stratified t."""
-        if "x_t" in batch:
-            return self.model_inputs(batch)
-        generator = torch.Generator().manual_seed(self.evaluation.seed + batch_idx)
-        n = batch["x"].shape[0]
-        t = stratified_timesteps(n, self.evaluation.buckets, self.diffusion.num_train_timesteps, generator)
-        return self.model_inputs(batch, generator, t.to(batch["x"].device), dropout=False)
+        """Inputs of batch `batch_idx`: trajectory rows as they are; real data seeded by (seed, batch_idx)."""
+        generator = torch.Generator().manual_seed(self.options.seed + batch_idx)
+        return self.inputs.stratified(batch, self.options.buckets, generator)
 
     @torch.no_grad()
-    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+    def step(self, student: nn.Module, teacher: nn.Module | None, batch: dict, batch_idx: int) -> tuple[Tensor, int]:
+        """Accumulate the SQNR of one batch; returns (MSE of the prediction against the reference, batch size)."""
         inputs = self.eval_inputs(batch, batch_idx)
         x, t, y, context = inputs["x_t"], inputs["t"], inputs["y"], inputs["context"]
-        pred = self.predict_noise(self.student, x, t, y, context)
-        if self.teacher is None:
-            ref = inputs["target"]  # FP training: the SQNR measures the prediction against the true target
-        else:
-            ref = self.predict_noise(self.teacher, x, t, y, context)
-        self.eval_sqnr.update(pred, ref, t)
-        self.log(f"{stage}/loss", F.mse_loss(pred.float(), ref.float()), batch_size=x.shape[0])
+        pred = self.adapter.predict(student, x, t, y, context)
+        ref = inputs["target"] if self.reference == "target" else self.adapter.predict(teacher, x, t, y, context)
+        self.sqnr.update(pred, ref, t)
+        return F.mse_loss(pred.float(), ref.float()), x.shape[0]
 
-    def _end_eval(self, stage: str) -> None:
-        metrics = self.eval_sqnr.named(stage)
-        self.eval_sqnr.reset()
-        self.log_dict(metrics)
-        samples = self._sample_grid(stage)
-        if samples:
-            self.log_dict(samples, rank_zero_only=True)
-        if self.trainer.sanity_checking and self.logger is not None:
-            # Lightning drops what the sanity check logs; here it is the PTQ (or resumed) baseline, so keep it.
-            self.logger.log_metrics({**metrics, **samples}, step=self.global_step)
+    def metrics(self, stage: str) -> dict[str, float]:
+        """{stage/sqnr_db_t..: ..., stage/sqnr_db: ...} of the batches since the last reset; resets."""
+        out = self.sqnr.named(stage)
+        self.sqnr.reset()
+        return out
 
-    def _sample_grid(self, stage: str) -> dict[str, float]:
-        """Teacher | student grid with fixed seeds, saved under <log_dir>/samples; PSNR / SSIM vs the teacher."""
-        ev, d = self.evaluation, self.diffusion
-        shape = self.adapter.input_shape(self.student)
-        latent = shape[0] not in (1, 3)
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, before rank 0 draws alone
-        if ev.num_samples == 0 or not self.trainer.is_global_zero or (latent and ev.vae is None):
-            return {}
-        labels = grid_labels(ev.num_samples, self.num_classes, self.device)
-        args = (d.sampling_scheduler(), labels, shape, d.num_steps, d.guidance_scale, self.null_class, ev.seed)
-        panels = [self._to_pixels(draw(self.student, self.adapter, *args))]
-        captions, metrics = [self._caption()], {}
-        if self.teacher is not None:
-            panels.insert(0, self._to_pixels(self._teacher_samples(args)))
+    # ---- sample grids -------------------------------------------------------------------------------------------
+    def draws_grids(self, student: nn.Module) -> bool:
+        """Whether grids are drawn: num_samples > 0, and latent models only with a VAE to decode them."""
+        latent = self.adapter.input_shape(student)[0] not in (1, 3)
+        return self.options.num_samples > 0 and not (latent and self.options.vae is None)
+
+    @torch.no_grad()
+    def sample_grid(self, student: nn.Module, teacher: nn.Module | None, path: Path,
+                    stage: str) -> dict[str, float]:
+        """Save a teacher | student grid (fixed seeds) as `path`; returns PSNR / SSIM against the teacher's."""
+        ev, d = self.options, self.diffusion
+        device = next(student.parameters()).device
+        labels = grid_labels(ev.num_samples, self.num_classes, device)
+        args = (d.sampling_scheduler(), labels, self.adapter.input_shape(student), d.num_steps, d.guidance_scale,
+                self.null_class, ev.seed)
+        panels, captions, metrics = [self._to_pixels(draw(student, self.adapter, *args))], [self.caption], {}
+        if teacher is not None:
+            panels.insert(0, self._to_pixels(self._teacher_samples(teacher, args)))
             captions.insert(0, "teacher (FP)")
             metrics = {f"{stage}/sample_{k}": v for k, v in image_fidelity(panels[1], panels[0]).items()}
-        path = Path(log_dir or self.trainer.default_root_dir, "samples",
-                    f"{stage}_step{self.global_step:06d}.png")
         save_grid(panels, str(path), labels=captions)
-        log_image(self.logger, f"{stage}/samples", path, self.global_step)
         return metrics
 
     def _to_pixels(self, samples: Tensor) -> Tensor:
-        """Images as they are; latents decoded by evaluation.vae (loaded on first use, never checkpointed)."""
+        """Images as they are; latents decoded by options.vae (loaded on first use, never checkpointed)."""
         if samples.shape[1] in (1, 3):
             return samples
-        if self.__dict__.get("_vae") is None:
-            self.__dict__["_vae"] = load_vae(self.evaluation.vae, self.evaluation.vae_subfolder)
-        return decode_latents(self.__dict__["_vae"].to(samples.device), samples)
+        if "vae" not in self._memo:
+            self._memo["vae"] = load_vae(self.options.vae, self.options.vae_subfolder)
+        return decode_latents(self._memo["vae"].to(samples.device), samples)
 
-    def _teacher_samples(self, args: tuple) -> Tensor:
-        key = (str(self.device), args[1].shape[0], args[2], args[3], args[4], args[6])
-        if self._teacher_grid is None or self._teacher_grid[0] != key:
-            self._teacher_grid = (key, draw(self.teacher, self.adapter, *args))
-        return self._teacher_grid[1]
+    def _teacher_samples(self, teacher: nn.Module, args: tuple) -> Tensor:
+        """The teacher's grid: drawn once per device and grid setting (the teacher never changes)."""
+        device = next(teacher.parameters()).device
+        key = (str(device), args[1].shape[0], args[2], args[3], args[4], args[6])
+        if self._memo.get("grid_key") != key:
+            self._memo["grid_key"], self._memo["grid"] = key, draw(teacher, self.adapter, *args)
+        return self._memo["grid"]
 
-    def _caption(self) -> str:
-        q = self.quant
-        return "model (FP)" if q is None else f"student W{q.w_bits}A{q.a_bits}"
-
-    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+    # ---- predict --------------------------------------------------------------------------------------------------
+    def predict(self, student: nn.Module, batch: dict, batch_idx: int) -> Tensor:
         """Student samples for the batch's labels (seeded per batch), in the model's data space."""
         d = self.diffusion
-        labels = batch["y"].long() if "y" in batch else grid_labels(len(batch["x"]), self.num_classes, self.device)
-        return draw(self.student, self.adapter, d.sampling_scheduler(), labels, self.adapter.input_shape(self.student),
-                    d.num_steps, d.guidance_scale, self.null_class, self.evaluation.seed + batch_idx)
+        device = next(student.parameters()).device
+        labels = batch["y"].long() if "y" in batch else grid_labels(len(batch["x"]), self.num_classes, device)
+        return draw(student, self.adapter, d.sampling_scheduler(), labels, self.adapter.input_shape(student),
+                    d.num_steps, d.guidance_scale, self.null_class, self.options.seed + batch_idx)
