@@ -9,7 +9,7 @@ working directory and from an installed wheel.
 
 from __future__ import annotations
 
-import importlib
+import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from hqdm import safe_io
 
 ASSET_PREFIX = "hqdm:"
 
@@ -42,22 +44,9 @@ def resolve_path(path: str) -> str:
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """A diffusers model class by name (`DiTTransformer2DModel`) or any class by dotted path (`pkg.mod.Class`)."""
-    if "." in name:
-        module, _, attr = name.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"class_name={name!r} cannot be imported ({err}); check the dotted path.") from err
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(
-            f"class_name={name!r} is not a diffusers model class; use e.g. 'DiTTransformer2DModel', 'UNet2DModel', "
-            "'UNet2DConditionModel', or a dotted path to your own nn.Module class."
-        )
-    return cls
+    """A diffusers model class by name (`DiTTransformer2DModel`) or a class registered with
+    `hqdm.safe_io.register_model_class` (by its dotted path); nothing is imported by name."""
+    return safe_io.model_class(name)
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,8 @@ class ModelSource:
     """A diffusers model: `class_name` + `init_args` (random init), or `pretrained` (a `from_pretrained` folder)."""
 
     class_name: str | None = None
-    """diffusers model class (e.g. DiTTransformer2DModel) or a dotted path; built from init_args, seeded by seed."""
+    """diffusers model class (e.g. DiTTransformer2DModel) or the dotted path of a class registered with
+    hqdm.safe_io.register_model_class; built from init_args, seeded by seed."""
     init_args: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of class_name."""
     pretrained: str | None = None
@@ -105,50 +95,78 @@ class ModelSource:
 
 
 def load_pretrained(path: str, subfolder: str | None = None) -> nn.Module:
-    """`from_pretrained` of the class named in the folder's config.json (`_class_name`)."""
-    import json
-
+    """`from_pretrained` of the class named in the folder's config.json (`_class_name`, allow-listed)."""
     import diffusers
 
     config = Path(path, subfolder or "", "config.json")
     if not config.is_file() and Path(path).exists():
         raise FileNotFoundError(f"{config} does not exist; point pretrained at a save_pretrained folder or subfolder.")
     if config.is_file():
-        name = json.loads(config.read_text())["_class_name"]
-        return model_class(name).from_pretrained(path, subfolder=subfolder)
-    try:  # a hub name: let diffusers find the class
-        return diffusers.AutoModel.from_pretrained(path, subfolder=subfolder)
+        return model_class(_class_name(config)).from_pretrained(path, subfolder=subfolder)
+    try:  # a hub name: let diffusers find the class (never remote code)
+        return diffusers.AutoModel.from_pretrained(path, subfolder=subfolder, trust_remote_code=False)
     except Exception as err:
         raise FileNotFoundError(
             f"pretrained={path!r} is neither a local folder nor a reachable hub model ({type(err).__name__}: {err})."
         ) from err
 
 
+def _class_name(config: Path) -> str:
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config} is not a JSON object ({err}); restore the folder's config.json.") from err
+    if not isinstance(name, str):
+        raise ValueError(f"{config} names no model class (_class_name={name!r}); it is not a diffusers model config.")
+    return name
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, a torch state dict, or the FP student of a Lightning checkpoint."""
+    """Tensors of a .safetensors file, a torch state dict, or the FP student of a Lightning checkpoint.
+
+    Torch files are read with weights_only=True (`hqdm.safe_io.safe_load`): nothing in them runs.
+    """
+    from hqdm.trainers.guards import CHECKPOINT_GLOBALS
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights={path!r} does not exist.")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints pickle hyperparameters
-    if "state_dict" in state:
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"weights={path!r} is not a readable safetensors file ({err}); copy it again.") from err
+    state = safe_io.safe_load(path, CHECKPOINT_GLOBALS, what="weights")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = {k[len("student."):]: v for k, v in state["state_dict"].items() if k.startswith("student.")}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"weights={path!r} holds a {type(state).__name__} that is not a state dict (name -> tensor); save "
+            "model.state_dict(), or point at a checkpoint of `hqdm fit`."
+        )
     return state
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict into `model`, strictly, explaining quantized checkpoints."""
+    """Load a state dict into `model`, strictly, explaining quantized checkpoints and non-finite weights."""
     state = read_state_dict(path)
     if any(".w_quant." in k or ".a_quant." in k for k in state):
         raise ValueError(
             f"weights={path!r} holds a quantized student; a ModelSource takes floating-point weights. Resume or "
             "evaluate a quantized run with --ckpt_path instead."
         )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    safe_io.check_finite(state, f"weights={path!r}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
         raise ValueError(
             f"weights={path!r} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. Check that init_args / pretrained describe the model these weights came from."
+            f"{unexpected[:5]}, other shapes {shapes[:3]}. Check that init_args / pretrained describe the model "
+            "these weights came from."
         )
+    model.load_state_dict(state)
