@@ -4,12 +4,18 @@ A run is named by its checkpoint (`--ckpt_path`, the module is rebuilt from the 
 YAML (`--config`: a config you wrote, or the config.yaml LightningCLI saved beside the checkpoints, which is found
 automatically). The YAML supplies the datamodule; a config without a checkpoint gives the PTQ model (calibrated
 here).
+
+Every command checks its cheap inputs (counts, output paths, the target folder) before loading a model or
+sampling data, reads checkpoints with weights_only=True, refuses non-finite weights, and writes its outputs
+beside their final path before renaming them into place (`hqdm.safe_io`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +23,8 @@ import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import LightningDataModule
 
+from hqdm import safe_io
+from hqdm.trainers.guards import CHECKPOINT_GLOBALS, load_checkpoint, saved_config
 from hqdm.trainers.module import DistillModule
 from hqdm.trainers.options import Diffusion, Sampler
 from hqdm.trainers.run_data import command_data, val_loader
@@ -26,18 +34,52 @@ SCHEDULER_FILE = "scheduler_config.json"
 """Written beside every export, so `hqdm sample` draws with the schedule the model was trained on."""
 
 
+# ---- cheap checks -------------------------------------------------------------------------------------------------
+def check_count(name: str, value: int, low: int = 1) -> None:
+    """Raise unless `value` is an integer >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name} {value!r} is not allowed; it must be an integer >= {low}.")
+
+
+def check_output_file(name: str, path: str) -> Path:
+    """Raise unless a file can be written at `path` (not a folder; its folder can be made and written)."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--{name} {path!r} is a folder; give a file path such as {Path(path) / 'out.png'}.")
+    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")
+    try:  # the folder is made now (as the write would) and a file is created in it: a real check, even as root
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"--{name} {path!r} cannot be written ({err.strerror or err} in {out.parent}); choose a writable path."
+        ) from err
+    return out
+
+
+def write_atomically(out: Path, write) -> None:
+    """Call `write(tmp)` for a hidden sibling of `out`, then rename it to `out` (no half-written file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---- loading a run ------------------------------------------------------------------------------------------------
-def saved_config(ckpt_path: str) -> str | None:
-    """The config.yaml LightningCLI saved beside a checkpoint's run: <run>/checkpoints/x.ckpt -> <run>/config.yaml."""
-    path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-    return str(path) if path.is_file() else None
-
-
 def parse_config(config: str, with_model: bool) -> tuple[DistillModule | None, LightningDataModule | None]:
     """Instantiate the `model` (optional) and `data` sections of a run YAML; other sections are ignored."""
     if not Path(config).is_file():
         raise FileNotFoundError(f"--config {config!r} does not exist.")
-    raw = yaml.safe_load(Path(config).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(config).read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {config!r} is not valid YAML ({err}).") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {config!r} holds a YAML {type(raw).__name__}, not a run config (model:, data:).")
     parser = ArgumentParser(exit_on_error=False)
     keys = ["data"]
     if with_model:
@@ -55,12 +97,13 @@ def load_run(config: str | None, ckpt_path: str | None,
     if config is None and ckpt_path is None:
         raise ValueError("Name the run: --ckpt_path (a checkpoint of `hqdm fit`) and/or --config (a run YAML).")
     if ckpt_path is not None:
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist.")
+        load_checkpoint(ckpt_path)  # weights_only, memory-mapped: refuses a crafted or foreign file cheaply
         config = config or saved_config(ckpt_path)
     module, data = parse_config(config, with_model=ckpt_path is None) if config else (None, None)
     if ckpt_path is not None:
-        module = DistillModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+            module = DistillModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+        safe_io.check_finite(module.student.state_dict(), f"--ckpt_path {ckpt_path}")
     return module.to(device).eval(), data
 
 
@@ -71,9 +114,14 @@ def _scheduler_from(folder: Path, sampler: Sampler | None):
     file = folder / SCHEDULER_FILE
     if not file.is_file():
         return Diffusion().sampling_scheduler(sampler)
-    saved = json.loads(file.read_text())
-    names = {cls.__name__: name for name, cls in SCHEDULERS.items()}
-    return SCHEDULERS[sampler or names.get(saved["_class_name"], "ddim")].from_config(saved)
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); delete it (default schedule) or re-export.") from err
+    if not isinstance(saved, dict):
+        raise ValueError(f"{file} is not a scheduler config (a JSON object); delete it or re-export.")
+    names = {cls.__name__: name for name, cls in SCHEDULERS.items()}  # allow-listed: a file names no class to import
+    return SCHEDULERS[sampler or names.get(saved.get("_class_name"), "ddim")].from_config(saved)
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
@@ -86,24 +134,34 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
         ckpt_path: checkpoint of `hqdm fit`.
         config: run YAML; without a checkpoint the student is PTQ-calibrated here and exported as is.
         calibration_batches: batches the integer model is checked on against the fake-quant model (parity).
-        overwrite: replace an existing out_dir.
+        overwrite: replace an existing out_dir; only a folder hqdm export or save_pretrained wrote is replaced.
         device: torch device.
     """
-    module, datamodule = load_run(config, ckpt_path, device)
-    out = Path(out_dir)
-    if module.mode == "fp":  # an FP run: a plain diffusers folder, e.g. a teacher for hqdm/assets
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out_dir.")
-        module.student.save_pretrained(out)
-    else:
-        from hqdm.export import export as export_int
+    check_count("calibration_batches", calibration_batches)
+    out = Path(out_dir).expanduser()
+    for note in safe_io.clean_leftovers(out):
+        print(f"hqdm export: {note}")
+    safe_io.check_target(out, overwrite)  # before minutes of loading, calibration or teacher sampling
+    stage = safe_io.staging_dir(out)  # everything is written in here, then renamed into place
+    try:
+        module, datamodule = load_run(config, ckpt_path, device)
+        folder = stage / "model"
+        if module.mode == "fp":  # an FP run: a plain diffusers folder, e.g. a teacher for hqdm/assets
+            module.student.save_pretrained(folder, safe_serialization=True)
+        else:
+            from hqdm.export import export as export_int
 
-        data = command_data(module, datamodule, ckpt_path, config)  # the run's cache: never re-sampled
-        module.ensure_calibrated(data)
-        batches = module.calibration_batches(val_loader(data), calibration_batches)
-        print(export_int(module.student, out, calibration_batches=batches, family=module.quant.family,
-                         overwrite=overwrite))
-    module.diffusion.sampling_scheduler().save_config(out)
+            data = command_data(module, datamodule, ckpt_path, config)  # the run's cache: never re-sampled
+            module.ensure_calibrated(data)
+            batches = module.calibration_batches(val_loader(data), calibration_batches)
+            summary = export_int(module.student, folder, calibration_batches=batches, family=module.quant.family)
+        module.diffusion.sampling_scheduler().save_config(folder)
+        for note in safe_io.replace_dir(folder, out, overwrite):
+            print(f"hqdm export: {note}")
+        if module.teacher is not None:
+            print(dataclasses.replace(summary, path=out) if dataclasses.is_dataclass(summary) else summary)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(f"hqdm export: wrote {out}")
     return str(out)
 
@@ -151,6 +209,14 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
     from hqdm.trainers.evaluation import draw, grid_labels
     from hqdm.trainers.module import class_info
 
+    if labels is not None and not labels:
+        raise ValueError("--labels [] names no class; give class ids (e.g. [1, 2]) or leave it out.")
+    check_count("num_samples", num_samples)
+    if num_steps is not None:
+        check_count("num_steps", num_steps)
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ValueError(f"--guidance_scale {guidance_scale} must be >= 0 (1 = no guidance).")
+    target = check_output_file("out", out)
     net, adapter, scheduler, diffusion = load_sampler_model(model, config, device, sampler)
     num_classes, null_class = class_info(net, adapter)
     ys = torch.tensor(labels, device=device) if labels else grid_labels(num_samples, num_classes, device)
@@ -161,7 +227,10 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
     defaults = diffusion or Diffusion()
     images = draw(net, adapter, scheduler, ys, adapter.input_shape(net), num_steps or defaults.num_steps,
                   defaults.guidance_scale if guidance_scale is None else guidance_scale, null_class, seed, progress)
-    save_grid(images.cpu(), out)
+    if not torch.isfinite(images).all():
+        raise ValueError(f"--model {model!r} drew non-finite images (NaN/Inf): its weights or scales are broken; "
+                         "re-export it from a good checkpoint.")
+    write_atomically(target, lambda tmp: save_grid(images.cpu(), tmp))
     print(f"hqdm sample: {len(ys)} images -> {out}")
     return out
 
@@ -181,6 +250,8 @@ def report(ckpt_path: str | None = None, config: str | None = None, batches: int
     """
     from hqdm.report import quant_report
 
+    check_count("batches", batches)
+    check_output_file("plot", plot)
     module, datamodule = load_run(config, ckpt_path, device)
     if module.mode == "fp":
         raise ValueError("This run trains an FP model (quant: null): there is no quantized student to report on.")
@@ -197,13 +268,21 @@ def report(ckpt_path: str | None = None, config: str | None = None, batches: int
 COMMANDS = {"export": export, "sample": sample, "report": report}
 
 
-def run_command(name: str, args: list[str]) -> None:
-    """Parse `args` for command `name`, run it, and turn bad-input errors into one clear line (exit code 2)."""
+def run_command(name: str, args: list[str], debug: bool = False) -> None:
+    """Parse `args` for command `name`, run it, and turn expected errors into one clear line (exit code 2).
+
+    Expected errors are bad values, missing, unreadable or crafted files, unwritable targets (`cli.EXPECTED_ERRORS`
+    and argument errors); `debug` re-raises them with their traceback.
+    """
     from jsonargparse import CLI, ArgumentError
+
+    from hqdm.trainers.cli import EXPECTED_ERRORS, fail
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
-        CLI(COMMANDS[name], args=args, as_positional=False, prog=f"hqdm {name}")
-    except (ValueError, FileNotFoundError, FileExistsError, ArgumentError) as err:  # bad input, not a bug
-        print(f"hqdm {name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        CLI(COMMANDS[name], args=args, as_positional=False, prog=f"hqdm {name}", allow_abbrev=False,
+            exit_on_error=False)
+    except (*EXPECTED_ERRORS, ArgumentError) as err:  # bad input, not a bug
+        if debug:
+            raise
+        fail(name, err)
