@@ -1,10 +1,20 @@
 """Shared tiny, seeded fixtures: diffusers DiT / UNet / conditional UNet small enough for CPU tests, their batches,
-and the `gpu` marker's skip hook."""
+and the `gpu` marker's skip hook.
+
+Without CUDA the Triton kernels run under triton's CPU interpreter. Triton reads TRITON_INTERPRET when a kernel is
+defined, and libraries imported by test modules (diffusers) may import triton and define kernels before a test
+module sets it, so it is set here, before any test module is imported.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 NUM_CLASSES = 10
 """Classes of the tiny class-conditional models (DiT: num_embeds_ada_norm; UNet: num_class_embeds − 1)."""
