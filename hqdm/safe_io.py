@@ -2,6 +2,7 @@
 and sealed manifests.
 
     torch files     safe_load: torch.load(weights_only=True) with an explicit list of allowed classes
+                    (allowed_globals: the same allowance around a load made by other code, e.g. Lightning)
     class names     model_class: diffusers model classes and registered classes only; nothing is imported by name
     folders         staging_dir → (write) → replace_dir: a new export is renamed into place; --overwrite replaces
                     only an export (export_kind), never a user folder or a file; clean_leftovers tidies up after a kill
@@ -32,6 +33,7 @@ import secrets
 import shutil
 import zipfile
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,7 @@ def safe_load(path: str | Path, safe_globals: Iterable[type] = (), what: str = "
     file = _existing_file(path, what)
     allowed = list(safe_globals)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with allowed_globals(allowed):
             return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = _unsafe_globals(file, allowed, err)
@@ -77,6 +79,23 @@ def safe_load(path: str | Path, safe_globals: Iterable[type] = (), what: str = "
         if mmap and "mmap" in str(err):  # an old-format (non-zip) file: read it whole
             return safe_load(file, allowed, what, mmap=False)
         raise ValueError(_unreadable(file, what, err)) from err
+
+
+@contextmanager
+def allowed_globals(classes: Iterable[type]):
+    """Allow `classes` in weights_only loads inside the block, then withdraw only those not allowed before.
+
+    (torch.serialization.safe_globals withdraws them on exit even when they were registered globally before.)
+    """
+    before = set(torch.serialization.get_safe_globals())
+    added = [c for c in classes if c not in before]
+    torch.serialization.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        keep = [g for g in torch.serialization.get_safe_globals() if g not in added]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(keep)
 
 
 def _existing_file(path: str | Path, what: str) -> Path:

@@ -23,6 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from hqdm import safe_io
 from hqdm.trainers import guards
 from hqdm.trainers.module import DistillModule
 
@@ -57,7 +58,7 @@ class HqdmCLI(LightningCLI):
     """LightningCLI over DistillModule; any LightningDataModule (hqdm.data.*) is picked by class_path in `data:`."""
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings -> --help
+        help_docs(sys.argv[1:] if args is None else args)
         # --trainer.max_step must not silently mean --trainer.max_steps; errors are raised (main prints one line)
         strict = {"allow_abbrev": False, "exit_on_error": False}
         super().__init__(
@@ -110,8 +111,15 @@ class HqdmCLI(LightningCLI):
                     "checkpoints with weights_only=True only: drop the option."
                 )
             cfg["weights_only"] = True
-        with torch.serialization.safe_globals(list(guards.CHECKPOINT_GLOBALS)):
+        with safe_io.allowed_globals(guards.CHECKPOINT_GLOBALS):
             super()._run_subcommand(subcommand)
+
+
+def help_docs(argv) -> None:
+    """Read dataclass field docstrings (for --help) only when help is asked for: it costs ~2 s per command."""
+    wanted = any(a in ("-h", "--help") or a.startswith("--print_config") or a.endswith(".help")
+                 for a in map(str, argv or []))
+    set_parsing_settings(docstring_parse_attribute_docstrings=wanted)
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -129,7 +137,10 @@ def short_message(err: BaseException) -> str:
         body = text.split("Errors:", 1)[1].split("Given value type:", 1)[0]
         reasons = [" ".join(r.split()) for r in re.split(r"^\s*- ", body, flags=re.M)
                    if r.strip() and not r.strip().startswith("Expected a <class 'NoneType'>")]
+        given = re.search(r"^\s*Given value: (.+)$", text, re.M)
         text = (f"{key.group(1)}: " if key else "") + "; ".join(reasons)
+        if given and "Got value" not in text and "=" not in text:
+            text += f"; got {given.group(1)[:100]}"
     if isinstance(err, ArgumentError) or text.startswith("Parser key"):
         text = " ".join(text.split())
         text = re.sub(r"arguments are required: (.+)",

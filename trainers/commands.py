@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 
 from hqdm import safe_io
@@ -101,7 +101,7 @@ def load_run(config: str | None, ckpt_path: str | None,
         config = config or saved_config(ckpt_path)
     module, data = parse_config(config, with_model=ckpt_path is None) if config else (None, None)
     if ckpt_path is not None:
-        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+        with safe_io.allowed_globals(CHECKPOINT_GLOBALS):
             module = DistillModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
         safe_io.check_finite(module.student.state_dict(), f"--ckpt_path {ckpt_path}")
     return module.to(device).eval(), data
@@ -158,7 +158,7 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
         module.diffusion.sampling_scheduler().save_config(folder)
         for note in safe_io.replace_dir(folder, out, overwrite):
             print(f"hqdm export: {note}")
-        if module.teacher is not None:
+        if module.mode != "fp":
             print(dataclasses.replace(summary, path=out) if dataclasses.is_dataclass(summary) else summary)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -276,9 +276,9 @@ def run_command(name: str, args: list[str], debug: bool = False) -> None:
     """
     from jsonargparse import CLI, ArgumentError
 
-    from hqdm.trainers.cli import EXPECTED_ERRORS, fail
+    from hqdm.trainers.cli import EXPECTED_ERRORS, fail, help_docs
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    help_docs(args)
     try:
         CLI(COMMANDS[name], args=args, as_positional=False, prog=f"hqdm {name}", allow_abbrev=False,
             exit_on_error=False)

@@ -22,10 +22,10 @@ from lightning.pytorch import Callback
 
 from hqdm.config import QuantConfig, Rule
 from hqdm.safe_io import check_finite, safe_load
-from hqdm.trainers.options import Diffusion, Evaluation, Loss, Trajectories
+from hqdm.trainers.options import Diffusion, Evaluation, Loss
 from hqdm.trainers.source import ModelSource
 
-CHECKPOINT_GLOBALS = (ModelSource, QuantConfig, Rule, Diffusion, Trajectories, Loss, Evaluation)
+CHECKPOINT_GLOBALS = (ModelSource, QuantConfig, Rule, Diffusion, Loss, Evaluation)
 """Classes a checkpoint of `hqdm fit` may hold besides tensors and plain values (hyperparameters of a module
 built in Python; under the CLI they are plain dicts)."""
 
@@ -189,13 +189,13 @@ def check_optimizer_options(model: Any) -> None:
 # ---- the resume check ---------------------------------------------------------------------------------------------
 SAFE_ON_RESUME = (
     "model.lr", "model.w_scale_lr", "model.a_scale_lr", "model.weight_decay", "model.betas", "model.warmup_steps",
-    "model.lr_schedule", "model.calibration_batches", "model.evaluation.*", "model.trajectories.cache_dir",
-    "data.init_args.num_workers", "seed_everything",
+    "model.lr_schedule", "model.calibration_batches", "model.evaluation.*", "data.init_args.num_workers",
+    "data.init_args.progress", "data.init_args.cache_dir", "seed_everything",
 )
-"""Options a resume may change with --resume_override true (optimizer settings, evaluation, where data is read
-from). Every other saved option (source, quant, diffusion, input mode, trajectories, loss, label dropout, LoRA,
-optimizer, data) is fixed by the checkpoint. Trainer options (max_steps, max_epochs, devices, logging,
-checkpointing) are not saved in a checkpoint and may always change."""
+"""Options a resume may change with --resume_override true (optimizer settings, evaluation, loader workers, where a
+cache is read from: its recipe is checked). Every other saved option (source, quant, diffusion, loss, label
+dropout, LoRA, optimizer, the data and its batch size) is fixed by the checkpoint. Trainer options (max_steps,
+max_epochs, devices, logging, checkpointing) are not saved in a checkpoint and may always change."""
 
 OPTIMIZER_KEYS = ("model.lr", "model.w_scale_lr", "model.a_scale_lr", "model.weight_decay", "model.betas")
 """Changes that the optimizer state restored from a checkpoint would undo; ResumeOverride applies them again."""

@@ -141,7 +141,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     state = safe_io.safe_load(path, CHECKPOINT_GLOBALS, what="weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = {k[len("student."):]: v for k, v in state["state_dict"].items() if k.startswith("student.")}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")
+                                              for k, v in state.items()):
         raise ValueError(
             f"weights={path!r} holds a {type(state).__name__} that is not a state dict (name -> tensor); save "
             "model.state_dict(), or point at a checkpoint of `hqdm fit`."
