@@ -89,7 +89,7 @@ def command_data(module, datamodule: LightningDataModule | None, ckpt_path: str 
 
 def val_loader(datamodule: LightningDataModule):
     """The val split in order, without worker processes (a command reads a few batches); else the module's own."""
-    val_set = getattr(datamodule, "val_set", None)
-    if val_set is None:
+    val_set, batch_size = getattr(datamodule, "val_set", None), getattr(datamodule, "batch_size", None)
+    if val_set is None or batch_size is None:
         return datamodule.val_dataloader()
-    return DataLoader(val_set, batch_size=datamodule.batch_size, shuffle=False)
+    return DataLoader(val_set, batch_size=batch_size, shuffle=False)
