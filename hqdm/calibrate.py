@@ -58,12 +58,28 @@ class LayerStats:
 
 
 def forward_batch(model: nn.Module, batch, adapter: Adapter) -> Tensor:
-    """Run one batch: a dict {x, t, y?, context?} through the adapter, or a tensor / tuple straight into the model."""
+    """Run one batch: a dict {x, t, y?, context?, pooled?, guidance?} through the adapter, or a tensor / tuple
+    straight into the model."""
     if isinstance(batch, dict):
-        return adapter.predict(model, batch["x"], batch["t"], batch.get("y"), batch.get("context"))
+        return adapter.predict(model, batch["x"], batch["t"], batch.get("y"), batch.get("context"),
+                               batch.get("pooled"), batch.get("guidance"))
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def eval_mode(*models: nn.Module) -> dict[nn.Module, bool]:
+    """Put `models` in eval mode; returns every submodule's own train/eval flag for `restore_modes`."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    for model in models:
+        model.eval()
+    return modes
+
+
+def restore_modes(modes: dict[nn.Module, bool]) -> None:
+    """Give every module back the train/eval flag `eval_mode` found (a frozen submodule stays in eval)."""
+    for m, training in modes.items():
+        m.training = training
 
 
 def _buckets_of(layer: QuantLayer, batch: int, device) -> Tensor:
@@ -190,13 +206,15 @@ def calibrate(
 
     Args:
         model: a model returned by `prepare`.
-        batches: a re-iterable collection (list, DataLoader) of dicts {x, t, y?, context?}: the noisy input,
-            its (B,) timesteps, labels; or plain tensors / tuples for generic models. Iterated three times.
+        batches: a re-iterable collection (list, DataLoader) of dicts {x, t, y?, context?, pooled?, guidance?}:
+            the noisy input, its (B,) timesteps in the model's own time, labels, text embeddings; or plain tensors /
+            tuples for generic models. Iterated three times.
         family: adapter used to call the model ('auto' detects it from the class).
         progress: show a progress bar per pass.
 
     Returns:
         Per-layer input statistics (per timestep bucket: count, sum, sum of squares, absmax), by module name.
+        The model (and each submodule) is back in the train / eval mode it was called in.
     """
     if isinstance(batches, Iterable) and iter(batches) is batches:
         raise ValueError("batches is a one-shot iterator; calibrate iterates it three times: pass a list or loader.")
@@ -205,8 +223,7 @@ def calibrate(
     if not names:
         raise ValueError("The model has no quantized layers: run hqdm.prepare(model, config) first.")
     layers = list(names)
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     enabled = {q: q.enabled for layer in layers for q in layer.quantizers()}
     set_quantizers_enabled(model, False)
     try:
@@ -224,7 +241,7 @@ def calibrate(
     finally:
         for q, on in enabled.items():
             q.enabled = on
-        model.train(was_training)
+        restore_modes(modes)
     return {names[layer]: s for layer, s in stats.items()}
 
 

@@ -26,10 +26,17 @@ from hqdm.layers import QuantLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """Submodule names of the four projections, also the keys of a per-projection config dict."""
+PROJECTION_BLOCKS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "out_proj": "attn_out"}
+"""Block type of each projection in reports (unless an adapter's block_types say otherwise)."""
 
 
 class QuantMultiheadAttention(nn.Module):
     """Drop-in nn.MultiheadAttention whose q/k/v/out projections are QuantLinear (or plain nn.Linear) modules."""
+
+    in_proj_weight = None
+    in_proj_bias = None
+    """No packed input projection: torch's fused paths (TransformerEncoderLayer / TransformerEncoder in eval) test
+    `in_proj_bias is None` and then call this module instead of reading raw weights."""
 
     def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int,
                  dropout: float = 0.0, batch_first: bool = False, bias_k: Tensor | None = None,
@@ -54,6 +61,11 @@ class QuantMultiheadAttention(nn.Module):
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
         self.bias_k = None if bias_k is None else nn.Parameter(bias_k.detach().clone())
         self.bias_v = None if bias_v is None else nn.Parameter(bias_v.detach().clone())
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """As in nn.MultiheadAttention: key and value widths equal embed_dim (read by torch's fast-path checks)."""
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
@@ -195,6 +207,49 @@ class QuantMultiheadAttention(nn.Module):
             k, v = torch.cat([k, ek.to(k.dtype)], dim=2), torch.cat([v, ev.to(v.dtype)], dim=2)  # (B, H, S+1, D)
             mask = None if mask is None else F.pad(mask, (0, 1))
         return k, v, mask
+
+
+def reference_projections(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> dict[str, Tensor]:
+    """What the four projections of a float nn.MultiheadAttention output during one call, in the layout of
+    QuantMultiheadAttention's projections ((B, N, E), batch first; (1, N, E) unbatched): for per-layer reports.
+
+    Args:
+        mha: the float module.
+        args, kwargs: the call's arguments (query, key, value, ...), as a forward hook with kwargs sees them.
+        output: the call's return value ((out, weights)); out is the output projection's output.
+    """
+    names = ("query", "key", "value")
+    inputs = [args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names)]
+    batched = inputs[0].dim() == 3
+    q, k, v = (_batch_first(x, batched, mha.batch_first) for x in inputs)
+    out = {name: lin(x) for name, lin, x in zip(PROJECTIONS, _input_projections(mha), (q, k, v))}
+    out["out_proj"] = _batch_first(output[0], batched, mha.batch_first)
+    return out
+
+
+def split_attention(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace nn.MultiheadAttention modules of `model` by equal QuantMultiheadAttention with plain nn.Linear
+    projections (the module tree a prepared student has, e.g. for loading integer projections into it).
+
+    Args:
+        model: any nn.Module; changed in place.
+        names: module names to replace; None: every nn.MultiheadAttention.
+
+    Returns:
+        The names replaced.
+
+    Raises:
+        ValueError: a name that is not an nn.MultiheadAttention of `model`.
+    """
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name in names if names is not None else found:
+        if name not in found:
+            raise ValueError(f"{name!r} is not an nn.MultiheadAttention of {type(model).__name__}; its attention "
+                             f"modules are {found}.")
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, QuantMultiheadAttention.from_float(getattr(owner, child), {}))
+    return list(names if names is not None else found)
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hqdm.adapters import get_adapter
-from hqdm.calibrate import forward_batch
+from hqdm.calibrate import eval_mode, forward_batch, restore_modes
 from hqdm.layers import QuantLayer
 from hqdm.metrics import SQNRSum
 
@@ -97,12 +97,22 @@ def _first(out) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _report_modules(quantized: nn.Module, reference: nn.Module) -> list[str]:
-    from hqdm.mha import QuantMultiheadAttention
+def _report_modules(quantized: nn.Module, reference: nn.Module) -> tuple[list[str], dict[str, list[str]]]:
+    """(quantized layers with a same-named reference module, {attention name: its quantized projections}).
 
-    ref_names = {n for n, _ in reference.named_modules()}
-    return [n for n, m in quantized.named_modules()
-            if isinstance(m, (QuantLayer, QuantMultiheadAttention)) and n in ref_names]
+    Projections of a QuantMultiheadAttention are compared with what the float nn.MultiheadAttention's packed
+    projections compute (`hqdm.mha.reference_projections`): its out_proj is never called as a module.
+    """
+    from hqdm.mha import PROJECTIONS, QuantMultiheadAttention
+
+    refs = dict(reference.named_modules())
+    attention = {n: [p for p in PROJECTIONS if isinstance(getattr(m, p), QuantLayer)]
+                 for n, m in quantized.named_modules()
+                 if isinstance(m, QuantMultiheadAttention) and isinstance(refs.get(n), nn.MultiheadAttention)}
+    inside = tuple(f"{n}." for n in attention)
+    names = [n for n, m in quantized.named_modules()
+             if isinstance(m, QuantLayer) and n in refs and not (inside and n.startswith(inside))]
+    return names, attention
 
 
 @torch.no_grad()
@@ -126,14 +136,18 @@ def quant_report(
         family: adapter ('auto' detects it).
         plot: optional PNG path for the per-layer bar plot.
     """
+    from hqdm.mha import PROJECTION_BLOCKS, reference_projections
+
     adapter = get_adapter(quantized, family)
-    names = _report_modules(quantized, reference)
+    layer_names, attention = _report_modules(quantized, reference)
+    projections = [f"{a}.{p}" for a, ps in attention.items() for p in ps]
+    names = layer_names + projections
     if not names:
         raise ValueError("No quantized layer of `quantized` has a same-named module in `reference`.")
-    report = QuantReport([LayerSQNR(n, adapter.block_type(n, reference.get_submodule(n))) for n in names])
+    blocks = {n: adapter.block_type(n, reference.get_submodule(n)) for n in layer_names}
+    blocks.update({n: adapter.block_type(n, None, PROJECTION_BLOCKS[n.rpartition(".")[2]]) for n in projections})
+    report = QuantReport([LayerSQNR(n, blocks[n]) for n in names])
     entries = {e.name: e for e in report.layers}
-    modes = quantized.training, reference.training
-    quantized.eval(), reference.eval()
     outs: dict[str, dict[str, Tensor]] = {"q": {}, "r": {}}
     handles = []
 
@@ -143,9 +157,20 @@ def quant_report(
 
         return hook
 
-    for key, model in (("q", quantized), ("r", reference)):
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(keep(key, n)))
+    def keep_projections(a: str):
+        def hook(module, args, kwargs, out) -> None:
+            for p, y in reference_projections(module, args, kwargs, out).items():
+                outs["r"][f"{a}.{p}"] = y.detach().double()
+
+        return hook
+
+    for n in names:
+        handles.append(quantized.get_submodule(n).register_forward_hook(keep("q", n)))
+    for n in layer_names:
+        handles.append(reference.get_submodule(n).register_forward_hook(keep("r", n)))
+    for a in attention:
+        handles.append(reference.get_submodule(a).register_forward_hook(keep_projections(a), with_kwargs=True))
+    modes = eval_mode(quantized, reference)
     try:
         for batch in batches:
             out_q = forward_batch(quantized, batch, adapter).double()
@@ -158,7 +183,7 @@ def quant_report(
     finally:
         for h in handles:
             h.remove()
-        quantized.train(modes[0]), reference.train(modes[1])
+        restore_modes(modes)
     if plot:
         report.plot(plot)
     return report

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hqdm.config import LayerQuantConfig, QuantizerSpec
+from hqdm.config import LayerQuantConfig, QuantizerSpec, Rule
 from hqdm.layers import QuantLinear, set_quantizers_enabled
 from hqdm.mha import PROJECTIONS, QuantMultiheadAttention
 
@@ -286,3 +286,103 @@ def test_dict_config():
 def test_bad_config_key():
     with pytest.raises(ValueError, match="qkv"):
         QuantMultiheadAttention.from_float(make_mha(), {"qkv": config()})
+
+
+# ---- inside torch's transformer layers: fused fast paths, reports, the module tree of the runtime -----------------
+class Encoder(nn.Module):
+    """Two nn.TransformerEncoderLayer (batch first, ReLU, even heads: eligible for torch's fused path)."""
+
+    def __init__(self, nested: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(E, HEADS, 2 * E, dropout=0.1, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = nn.Linear(E, E)
+
+    def forward(self, x, t=None, src_key_padding_mask=None):
+        return self.head(self.blocks(x, src_key_padding_mask=src_key_padding_mask))
+
+
+def _prepared(model: nn.Module, rules=()):
+    from hqdm import QuantConfig, prepare
+
+    return prepare(model, QuantConfig(w_bits=8, a_bits=8, a_dynamic=True, family="generic", rules=rules))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformer_encoder_runs_quantized_in_eval_and_train(nested):
+    model = Encoder(nested).eval()
+    student, report = _prepared(model)
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(3))
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -2:] = True
+    with torch.no_grad():
+        for mask in (None, kpm):
+            set_quantizers_enabled(student, False)
+            off = student(x, src_key_padding_mask=mask)
+            ref = model(x, src_key_padding_mask=mask)
+            keep = ~kpm[..., None] if mask is not None else torch.ones(B, L, 1, dtype=torch.bool)
+            torch.testing.assert_close(off * keep, ref * keep, atol=1e-4, rtol=0)  # padded rows: unspecified
+            set_quantizers_enabled(student, True)
+            assert sqnr_db(ref * keep, student(x, src_key_padding_mask=mask) * keep) < 80  # really quantized
+        student.train()
+        assert student(x).shape == (B, L, E)
+    assert any("fused TransformerEncoderLayer path off" in n for n in report.notes)
+
+
+def test_float_attention_with_quantized_feed_forward_is_not_bypassed():
+    model = Encoder().eval()
+    student, _ = _prepared(model, rules=(Rule(pattern="*self_attn*", skip=True),))
+    assert isinstance(student.blocks.layers[0].self_attn, nn.MultiheadAttention)
+    assert isinstance(student.blocks.layers[0].linear1, QuantLinear)
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # no hooks here: a hook alone would turn torch's fused path off
+        assert sqnr_db(model.blocks(x), student.blocks(x)) < 80  # the fused path would read the float weights
+
+
+def test_quant_report_lists_attention_projections_against_the_float_model():
+    from hqdm import quant_report
+
+    model = Encoder().eval()
+    student, _ = _prepared(model)
+    batches = [torch.randn(B, L, E, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    report = quant_report(student, model, batches)
+    by_name = {e.name: e for e in report.layers}
+    for p in PROJECTIONS:
+        entry = by_name[f"blocks.layers.0.self_attn.{p}"]
+        assert entry.block_type == ("attn_out" if p == "out_proj" else "qkv")
+        assert 25 < entry.sqnr_db < 80, (p, entry.sqnr_db)  # 8-bit: quantized, yet matched to the right output
+    assert "blocks.layers.1.linear2" in by_name and 25 < report.output_sqnr_db < 80
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kv_dims", [(E, E), (KDIM, VDIM)])
+def test_reference_projections_are_what_the_split_projections_compute(batch_first, kv_dims):
+    from hqdm.mha import reference_projections
+
+    mha = make_mha(kdim=kv_dims[0], vdim=kv_dims[1], batch_first=batch_first)
+    q = quant(mha)
+    seen = {}
+    for p in PROJECTIONS:
+        getattr(q, p).register_forward_hook(lambda m, a, out, p=p: seen.__setitem__(p, out))
+    query, key, value = inputs(batch_first, *kv_dims)
+    with torch.no_grad():
+        q(query, key, value)
+        ref = reference_projections(mha, (query, key), {"value": value}, mha(query, key, value))
+    for p in PROJECTIONS:
+        torch.testing.assert_close(ref[p], seen[p], atol=ATOL, rtol=0)
+
+
+def test_split_attention_keeps_the_model_output():
+    from hqdm.mha import split_attention
+
+    model = Encoder().eval()
+    split = Encoder().eval()
+    names = split_attention(split)
+    assert names == ["blocks.layers.0.self_attn", "blocks.layers.1.self_attn"]
+    assert all(type(split.get_submodule(f"{n}.{p}")) is nn.Linear for n in names for p in PROJECTIONS)
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="'head' is not an nn.MultiheadAttention"):
+        split_attention(model, ["head"])

@@ -148,9 +148,12 @@ def test_generic_fallback_on_sequential():
     torch.testing.assert_close(student(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_generic_layer_without_a_hadamard_width_asks_for_a_rule():
+def test_layer_narrower_than_the_block_stays_unrotated_unless_a_rule_asks():
+    student, report = prepare(Custom(), QuantConfig(a_dynamic=True))
+    assert student.stem.config.rotation == "none" and student.head[0].config.rotation == "single"
+    assert any(n.startswith("stem: input width 4 < Hadamard block 32") for n in report.notes)
     with pytest.raises(ValueError, match=r"Layer 'stem'.*width=4.*Rule\(pattern='stem', rotation='none'\)"):
-        prepare(Custom(), QuantConfig())
+        prepare(Custom(), QuantConfig(rules=(Rule(pattern="stem", block=32),)))
 
 
 def test_generic_fallback_swaps_multihead_attention():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from hqdm.adapters.base import Adapter, expand_timesteps, first_channels
+from hqdm.adapters.base import Adapter, first_channels
+from hqdm.call import CallSpec
 
 _UNET_BLOCKS = (
     ("time_embedding.*", "temb"),
@@ -33,25 +34,27 @@ class UNetAdapter(Adapter):
         return None if not n else n - 1
 
     def predict(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None = None,
-                context: Tensor | None = None) -> Tensor:
-        t = expand_timesteps(t, x.shape[0], x.device)
+                context: Tensor | None = None, pooled: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         labels = y if getattr(model.config, "num_class_embeds", None) else None
-        return first_channels(model(x, t, class_labels=labels).sample, x)
+        return first_channels(super().predict(model, x, t, labels, context), x)
 
 
 class UNetConditionAdapter(UNetAdapter):
-    """UNet2DConditionModel: cross-attention on `context` (text embeddings); zeros when none is given."""
+    """UNet2DConditionModel: cross-attention on `context` (text embeddings); one zero token when none is given."""
 
     def predict(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None = None,
-                context: Tensor | None = None) -> Tensor:
-        t = expand_timesteps(t, x.shape[0], x.device)
+                context: Tensor | None = None, pooled: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         if context is None:
             context = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim)
-        labels = y if getattr(model.config, "num_class_embeds", None) else None
-        return first_channels(model(x, t, encoder_hidden_states=context, class_labels=labels).sample, x)
+        return super().predict(model, x, t, y, context)
 
 
 _ENDS = ("conv_in", "conv_out", "time_embedding.*", "add_embedding.*", "class_embedding.*")
-UNET = UNetAdapter(name="unet", end_layers=_ENDS, unrotated=("conv_in",), block_types=_UNET_BLOCKS)
-UNET_COND = UNetConditionAdapter(name="unet_cond", end_layers=_ENDS, unrotated=("conv_in",),
-                                 block_types=_UNET_BLOCKS)
+UNET = UNetAdapter(name="unet", call=CallSpec(sample=0, timestep=1, class_labels="class_labels"), end_layers=_ENDS,
+                   unrotated=("conv_in",), block_types=_UNET_BLOCKS)
+UNET_COND = UNetConditionAdapter(
+    name="unet_cond", call=CallSpec(sample=0, timestep=1, class_labels="class_labels",
+                                    context="encoder_hidden_states"),
+    end_layers=_ENDS, unrotated=("conv_in",), block_types=_UNET_BLOCKS)
