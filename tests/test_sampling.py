@@ -9,8 +9,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from hqdm.call import CallSpec
 from hqdm.metrics import sqnr_db
-from hqdm.sampling import SCHEDULERS, guided, make_scheduler, sample, save_grid, to_uint8
+from hqdm.sampling import (
+    PREDICTIONS,
+    SCHEDULERS,
+    RectifiedFlowEuler,
+    add_noise,
+    convert_prediction,
+    guided,
+    make_scheduler,
+    path_coefficients,
+    prediction_target,
+    sample,
+    save_grid,
+    to_uint8,
+)
 
 SHAPE = (1, 4, 4)
 NULL = 10
@@ -195,3 +209,134 @@ def test_sqnr_db():
     assert per_sample.shape == (2,) and per_sample.dtype == torch.float64
     assert math.isinf(per_sample[0].item())
     torch.testing.assert_close(per_sample[1], torch.tensor(40.0, dtype=torch.float64))
+
+
+# ---- declared calls: model time, prediction conversion, flow samplers, guidance interval -------------------------
+X_STAR = torch.tensor([[0.5, -0.25, 0.75, -0.5]]).repeat(4, 1).view(1, *SHAPE)
+"""The whole data distribution (a point mass): an exact denoiser of it lands every sampler on it."""
+
+
+def _exact(call: CallSpec, alphas=None, T=1000):
+    """The exact prediction of `call` for data = X_STAR at the model's own time t (computed from t itself)."""
+    calls = []
+
+    def denoiser(x, t, y):
+        calls.append(t.clone())
+        a, b = path_coefficients(call, t, T, alphas)
+        eps = (x - a * X_STAR) / b
+        truth = {"epsilon": eps, "sample": X_STAR.expand_as(x), "v_prediction": a * eps - b * X_STAR,
+                 "flow": call.flow_sign * (eps - X_STAR)}
+        return truth[call.prediction]
+
+    return denoiser, calls
+
+
+FLOW_CALLS = {
+    "sd3_like": CallSpec(timesteps="continuous", time_max=1000.0, prediction="flow", path="flow"),
+    "rf_velocity": CallSpec(timesteps="continuous", time_max=1.0, noise_at="zero", prediction="flow", path="flow"),
+    "rf_x0": CallSpec(timesteps="continuous", time_max=1.0, noise_at="zero", prediction="sample", path="flow"),
+    "flow_v": CallSpec(timesteps="continuous", time_max=1.0, prediction="v_prediction", path="flow"),
+}
+
+
+@pytest.mark.parametrize("scheduler", ["rf_euler", "flow_euler"])
+@pytest.mark.parametrize("kind", list(FLOW_CALLS))
+def test_flow_samplers_land_exact_predictions_on_the_data(scheduler, kind):
+    call = FLOW_CALLS[kind]
+    den, times = _exact(call)
+    out = sample(den, make_scheduler(scheduler), torch.zeros(2, dtype=torch.long), SHAPE, num_steps=5,
+                 generator=_gen(), call=call)
+    torch.testing.assert_close(out, X_STAR.expand(2, *SHAPE), atol=1e-5, rtol=0)  # Euler is exact on straight paths
+    first = times[0][0].item()
+    assert first == pytest.approx(call.time_max if call.noise_at == "max" else 0.0)  # pure noise at the first step
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_ddim_converts_any_declared_prediction(prediction):
+    sched = make_scheduler("ddim")  # steps noise predictions
+    call = CallSpec(prediction=prediction)
+    den, times = _exact(call, sched.alphas_cumprod)
+    out = sample(den, sched, torch.zeros(2, dtype=torch.long), SHAPE, num_steps=4, generator=_gen(), call=call)
+    torch.testing.assert_close(out, X_STAR.expand(2, *SHAPE), atol=1e-4, rtol=0)
+    assert all(t.dtype == torch.long for t in times)
+
+
+def test_continuous_time_on_a_diffusion_scheduler_is_the_scaled_index():
+    call = CallSpec(timesteps="continuous", time_max=1.0)
+    den = Recorder()
+    sample(lambda x, t, y: den(x, t, y), make_scheduler("ddim"), _labels(), SHAPE, num_steps=4, call=call,
+           generator=_gen())
+    ref = make_scheduler("ddim")
+    ref.set_timesteps(4)
+    for (_, t, _), s in zip(den.calls, ref.timesteps):
+        torch.testing.assert_close(t, (s / 1000.0).float().repeat(3))
+
+
+def test_a_flow_call_on_a_diffusion_scheduler_is_refused():
+    with pytest.raises(ValueError, match=r"DDIMScheduler steps a diffusion path but the model's call declares "
+                                         r"path='flow'"):
+        sample(Recorder(), make_scheduler("ddim"), _labels(), SHAPE, num_steps=2, call=FLOW_CALLS["rf_x0"])
+
+
+def test_convert_prediction_round_trips_every_pair():
+    g = _gen(4)
+    x0, eps = torch.randn(2, *SHAPE, generator=g), torch.randn(2, *SHAPE, generator=g)
+    for a, b in ((0.8, 0.6), (0.3, 0.7)):  # a variance-preserving point and a flow point
+        x = a * x0 + b * eps
+        truth = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - b * x0, "flow": eps - x0}
+        for src in PREDICTIONS:
+            for dst in PREDICTIONS:
+                got = convert_prediction(truth[src], x, a, b, src, dst)
+                torch.testing.assert_close(got, truth[dst], atol=1e-5, rtol=0)
+        torch.testing.assert_close(convert_prediction(x0 - eps, x, a, b, "flow", "sample", flow_sign=-1), x0)
+    with pytest.raises(ValueError, match="'score'"):
+        convert_prediction(x0, x0, 1.0, 0.5, "score", "epsilon")
+
+
+def test_training_targets_match_diffusers():
+    sched = make_scheduler("ddpm", prediction_type="v_prediction")
+    g = _gen(6)
+    x0, noise, t = torch.randn(3, *SHAPE, generator=g), torch.randn(3, *SHAPE, generator=g), torch.tensor([5, 400, 990])
+    call = CallSpec(prediction="v_prediction")
+    torch.testing.assert_close(add_noise(call, x0, noise, t, 1000, sched.alphas_cumprod), sched.add_noise(x0, noise, t))
+    torch.testing.assert_close(prediction_target(call, x0, noise, t, 1000, sched.alphas_cumprod),
+                               sched.get_velocity(x0, noise, t), atol=1e-5, rtol=1e-5)
+    rf = FLOW_CALLS["rf_velocity"]
+    tf = torch.tensor([0.0, 0.25, 0.9])
+    torch.testing.assert_close(add_noise(rf, x0, noise, tf, 1000), tf.view(-1, 1, 1, 1) * x0
+                               + (1 - tf.view(-1, 1, 1, 1)) * noise)
+    torch.testing.assert_close(prediction_target(rf, x0, noise, tf, 1000), x0 - noise, atol=1e-6, rtol=0)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    den = Recorder()
+    sample(den, make_scheduler("ddim"), _labels(), SHAPE, num_steps=4, guidance_scale=3.0, null_class=NULL,
+           guidance_interval=(0.0, 0.5), generator=_gen())
+    # DDIM with 4 of 1000 steps visits t = 750, 500, 250, 0: noise levels 0.75 (unguided), 0.5, 0.25, 0 (guided)
+    assert [x.shape[0] for x, _, _ in den.calls] == [3, 6, 6, 6]
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(den, make_scheduler("ddim"), _labels(), SHAPE, guidance_scale=2.0, null_class=NULL,
+               guidance_interval=(0.8, 0.2))
+
+
+def test_text_guidance_pairs_the_null_condition():
+    seen = []
+
+    def den(x, t, y, context):
+        seen.append(context.clone())
+        return 0.1 * x + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    ctx, null = torch.ones(3, 2, 5), torch.zeros(3, 2, 5)
+    sample(den, make_scheduler("ddim"), torch.zeros(3, dtype=torch.long), SHAPE, num_steps=2, guidance_scale=2.0,
+           cond={"context": ctx}, null_cond={"context": null}, generator=_gen())
+    assert all(torch.equal(c, torch.cat([ctx, null])) for c in seen)
+
+
+def test_rectified_flow_euler_grid_and_shift():
+    rf = RectifiedFlowEuler(shift=3.0)
+    rf.set_timesteps(4)
+    s = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    torch.testing.assert_close(rf.sigmas, 3 * s / (1 + 2 * s))
+    torch.testing.assert_close(rf.timesteps, rf.sigmas[:-1] * 1000)
+    with pytest.raises(ValueError, match="shift=0"):
+        RectifiedFlowEuler(shift=0)
