@@ -10,6 +10,10 @@ import fnmatch
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+from hqdm.hadamard import HadamardSpec
+from hqdm.qlayer import fold_parts
+from hqdm.quant_primitives import qrange
+
 Granularity = Literal["tensor", "channel", "token", "group"]
 Rotation = Literal["none", "single", "double"]
 Center = Literal["none", "dynamic", "static"]
@@ -36,7 +40,7 @@ class QuantizerSpec:
     """How one tensor is fake-quantized: bit width, symmetry, scale granularity and how the scale is found."""
 
     bits: int = 8
-    """Bit width, 2 to 8. Integers live in the signed range [-2^(bits-1), 2^(bits-1) - 1]."""
+    """Bit width, 2 to 8. Integers live in the signed range [-2^(bits-1), 2^(bits-1) - 1] (see `narrow_range`)."""
     symmetric: bool = True
     """Symmetric (zero point 0) or asymmetric (integer zero point inside the signed range)."""
     granularity: Granularity = "tensor"
@@ -47,9 +51,19 @@ class QuantizerSpec:
     """Dynamic: range read from each tensor. Static: a learned step size (LSQ), initialized by an MSE search."""
     timestep_buckets: int = 1
     """Static activation scales only: size of the per-timestep scale table (1 = one scale for all timesteps)."""
+    narrow_range: bool = False
+    """Symmetric weights only: integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (e.g. [-7, 7] at 4 bits), so the
+    single-rotation fold (W_int·H_raw, block 16) provably stays in one int8 digit."""
 
     def __post_init__(self) -> None:
         _check_bits("bits", self.bits)
+        if not isinstance(self.narrow_range, bool):
+            raise ValueError(f"narrow_range={self.narrow_range!r} must be True or False.")
+        if self.narrow_range and not self.symmetric:
+            raise ValueError(
+                "narrow_range=True needs symmetric=True (got symmetric=False): an asymmetric quantizer shifts its "
+                "integers by a zero point, so a narrow range bounds nothing. Set symmetric=True or narrow_range=False."
+            )
         _check_choice("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "group":
             if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -77,19 +91,21 @@ class QuantizerSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return qrange(self.bits, self.narrow_range)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return qrange(self.bits, self.narrow_range)[1]
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def weight_spec(bits: int, granularity: Granularity = "channel", group_size: int | None = None) -> QuantizerSpec:
+def weight_spec(bits: int, granularity: Granularity = "channel", group_size: int | None = None,
+                narrow_range: bool = False) -> QuantizerSpec:
     """Default weight quantizer: symmetric, learned per-output-channel step sizes."""
-    return QuantizerSpec(bits=bits, symmetric=True, granularity=granularity, group_size=group_size, dynamic=False)
+    return QuantizerSpec(bits=bits, symmetric=True, granularity=granularity, group_size=group_size, dynamic=False,
+                         narrow_range=narrow_range)
 
 
 def act_spec(bits: int, timestep_buckets: int = 1, dynamic: bool = False) -> QuantizerSpec:
@@ -119,6 +135,9 @@ class LayerQuantConfig:
     """HadaNorm: divide the centered input by a calibrated per-channel σ folded into W (needs rotation='double')."""
     correction_bits: int | Literal["float"] = 8
     """Bits of the separate per-output-channel copy W_c used for the centering correction μ·W_cᵀ."""
+    auto_block: bool = field(default=False, compare=False, repr=False)
+    """`block` was picked by QuantConfig(block='auto') (see `auto_block`), so a rule that changes the weight or
+    the rotation picks it again; a rule that names a block clears it."""
 
     def __post_init__(self) -> None:
         _check_choice("rotation", self.rotation, ROTATIONS)
@@ -154,6 +173,7 @@ class Rule:
     a_bits: int | None = None
     w_granularity: Granularity | None = None
     w_group_size: int | None = None
+    w_narrow_range: bool | None = None
     a_dynamic: bool | None = None
     a_symmetric: bool | None = None
     rotation: Rotation | None = None
@@ -168,6 +188,9 @@ class Rule:
         for name in ("w_bits", "a_bits"):
             if getattr(self, name) is not None:
                 _check_bits(f"{name} (rule {self.pattern!r})", getattr(self, name))
+        if self.w_narrow_range is not None and not isinstance(self.w_narrow_range, bool):
+            raise ValueError(f"w_narrow_range={self.w_narrow_range!r} (rule {self.pattern!r}) must be True, False or "
+                             "None (inherit).")
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
@@ -185,8 +208,10 @@ class QuantConfig:
     """Bits of the input / output layers and timestep-embedding linears (the papers keep these at 8)."""
     rotation: Rotation = "single"
     """Default rotation of quantized layers (HQ-DM: single)."""
-    block: int | Literal["full"] = 32
-    """Default Hadamard block size (a supported order dividing every rotated width) or 'full'."""
+    block: int | Literal["full", "auto"] = "auto"
+    """Default Hadamard block size (a supported order dividing every rotated width), 'full', or 'auto': 32 (HQ-DM),
+    except 16 for single-rotation layers with weights of at most 4 bits, whose fold then provably runs as one int8
+    GEMM instead of two (see `auto_block`; docs/BENCHMARKS.md "W4 single-rotation fold")."""
     center: Center = "none"
     """Default centering (HadaNorm: dynamic)."""
     normalize: bool = False
@@ -201,6 +226,8 @@ class QuantConfig:
     """Weight scale granularity."""
     w_group_size: int | None = None
     """Weight group size with w_granularity='group'."""
+    w_narrow_range: bool = False
+    """Symmetric narrow-range weights [-(2^(b-1) - 1), 2^(b-1) - 1] (e.g. [-7, 7]) in every quantized layer."""
     timestep_buckets: int = 25
     """Entries of each per-timestep activation-scale table."""
     num_train_timesteps: int = 1000
@@ -217,6 +244,11 @@ class QuantConfig:
         _check_choice("center", self.center, CENTERS)
         _check_choice("family", self.family, FAMILIES)
         _check_choice("w_granularity", self.w_granularity, ("tensor", "channel", "group"))
+        if self.block not in ("full", "auto") and (isinstance(self.block, bool) or not isinstance(self.block, int)
+                                                   or self.block < 1):
+            raise ValueError(f"block={self.block!r} must be a positive integer Hadamard order, 'full' or 'auto'.")
+        if not isinstance(self.w_narrow_range, bool):
+            raise ValueError(f"w_narrow_range={self.w_narrow_range!r} must be True or False.")
         if self.normalize and self.rotation != "double":
             raise ValueError(
                 f"normalize=True needs rotation='double' (got {self.rotation!r}); HadaNorm is "
@@ -230,10 +262,11 @@ class QuantConfig:
         object.__setattr__(self, "rules", tuple(Rule(**r) if isinstance(r, dict) else r for r in self.rules))
 
     def layer(self, bits_w: int, bits_a: int) -> LayerQuantConfig:
-        """The default layer config at the given weight / activation bits."""
+        """The default layer config at the given weight / activation bits (block='auto' resolved for them)."""
         w_group = self.w_group_size if self.w_granularity == "group" else None
-        return LayerQuantConfig(
-            w=weight_spec(bits_w, self.w_granularity, w_group),
+        auto = self.block == "auto"
+        return resolve_auto_block(LayerQuantConfig(
+            w=weight_spec(bits_w, self.w_granularity, w_group, self.w_narrow_range),
             a=QuantizerSpec(
                 bits=bits_a,
                 symmetric=self.a_symmetric,
@@ -242,11 +275,12 @@ class QuantConfig:
                 timestep_buckets=1 if self.a_dynamic else self.timestep_buckets,
             ),
             rotation=self.rotation,
-            block=self.block,
+            block=DEFAULT_BLOCK if auto else self.block,
             center=self.center,
             normalize=self.normalize,
             correction_bits=self.correction_bits,
-        )
+            auto_block=auto,
+        ))
 
     def with_rules(self, *rules: Rule) -> QuantConfig:
         return replace(self, rules=self.rules + tuple(rules))
@@ -270,10 +304,11 @@ def apply_rule(cfg: LayerQuantConfig | None, rule: Rule, base: QuantConfig) -> L
         else:
             return None
     w, a = cfg.w, cfg.a
-    if w is not None and (rule.w_bits is not None or rule.w_granularity is not None):
+    if w is not None and (rule.w_bits is not None or rule.w_granularity is not None or rule.w_narrow_range is not None):
         gran = rule.w_granularity or w.granularity
         group = rule.w_group_size if rule.w_group_size is not None else (w.group_size if gran == "group" else None)
-        w = replace(w, bits=rule.w_bits or w.bits, granularity=gran, group_size=group)
+        narrow = w.narrow_range if rule.w_narrow_range is None else rule.w_narrow_range
+        w = replace(w, bits=rule.w_bits or w.bits, granularity=gran, group_size=group, narrow_range=narrow)
     if a is not None and (rule.a_bits is not None or rule.a_dynamic is not None or rule.a_symmetric is not None):
         dyn = a.dynamic if rule.a_dynamic is None else rule.a_dynamic
         a = replace(
@@ -285,4 +320,34 @@ def apply_rule(cfg: LayerQuantConfig | None, rule: Rule, base: QuantConfig) -> L
             timestep_buckets=1 if dyn else base.timestep_buckets,
         )
     knobs = {k: getattr(rule, k) for k in ("rotation", "block", "center", "normalize", "correction_bits")}
-    return replace(cfg, w=w, a=a, **{k: v for k, v in knobs.items() if v is not None})
+    cfg = replace(cfg, w=w, a=a, **{k: v for k, v in knobs.items() if v is not None})
+    return resolve_auto_block(replace(cfg, auto_block=False) if rule.block is not None else cfg)
+
+
+DEFAULT_BLOCK = 32
+"""HQ-DM's Hadamard block: what block='auto' gives every layer whose fold does not need a smaller one."""
+AUTO_BLOCKS = (32, 16)
+"""Blocks block='auto' tries for a single-rotation layer, largest first: the largest whose fold fits one digit."""
+
+
+def auto_block(w: QuantizerSpec | None, rotation: Rotation) -> int:
+    """The Hadamard block QuantConfig(block='auto') gives a layer with weight spec `w` and `rotation`.
+
+    rotation='single' folds Rᵀ into the integer weight, W_int·H_raw; the largest block of AUTO_BLOCKS whose fold
+    provably stays in int8 for every weight in [qmin, qmax] (`hqdm.qlayer.fold_parts`, no random signs: a
+    QuantConfig never sets them) runs one int8 GEMM instead of two digits. That is 16 at 4 bits ([-8, 7]: folded
+    entries in [-128, 120]; [-7, 7]: ±112), 32 at 3 bits and below; at 5 to 8 bits no block of AUTO_BLOCKS fits,
+    so those layers keep 32 and two digits (rotation='double' or 'none' run one GEMM). Everything else: 32.
+    """
+    if rotation != "single" or w is None or not w.symmetric:
+        return DEFAULT_BLOCK
+    fits = [n for n in AUTO_BLOCKS if fold_parts(w.qmin, w.qmax, HadamardSpec(n, n)) == 1]
+    return fits[0] if fits else DEFAULT_BLOCK
+
+
+def resolve_auto_block(cfg: LayerQuantConfig | None) -> LayerQuantConfig | None:
+    """`cfg` with its block re-picked by `auto_block` where it was chosen automatically (cfg.auto_block)."""
+    if cfg is None or not cfg.auto_block:
+        return cfg
+    block = auto_block(cfg.w, cfg.rotation)
+    return cfg if block == cfg.block else replace(cfg, block=block)

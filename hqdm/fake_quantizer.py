@@ -58,6 +58,9 @@ class FakeQuantizer(nn.Module):
                 f"group_size={spec.group_size} does not divide the reduction width {width} of this {role} "
                 f"(shape {self.shape}); choose a divisor of {width}."
             )
+        if role == "act" and spec.narrow_range:
+            raise ValueError("narrow_range=True applies to weights only (it bounds the single-rotation weight fold); "
+                             "use narrow_range=False for activation quantizers.")
         if role == "weight" and spec.granularity == "token":
             raise ValueError("granularity='token' applies to activations only; weights use tensor, channel or group.")
         if not spec.dynamic:

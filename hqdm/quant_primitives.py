@@ -1,7 +1,9 @@
 """Pure tensor functions of quantization: straight-through rounding, fake quantization, ranges, MSE search.
 
 Integers live in the signed range [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1] for symmetric and asymmetric quantizers
-alike; an asymmetric quantizer has an integer zero point z inside that range, so int8 / int4 storage is direct:
+alike (`qrange`); an asymmetric quantizer has an integer zero point z inside that range, so int8 / int4 storage is
+direct. A symmetric quantizer may use the narrow range [-(2^(b-1) - 1), 2^(b-1) - 1] (e.g. [-7, 7] at 4 bits),
+which keeps a Hadamard fold of its integers inside int8 (see `hqdm.qlayer.fold_bounds`):
 
     q = clamp(round(x / s) + z, qmin, qmax),    x̂ = (q − z) · s
 """
@@ -13,6 +15,12 @@ from torch import Tensor
 
 MSE_GRID = torch.linspace(0.30, 1.0, 36).tolist()
 """Clipping ratios the MSE search tries, as fractions of the observed range."""
+
+
+def qrange(bits: int, narrow_range: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of signed b-bit integers: [-2^(b-1), 2^(b-1) - 1], or [-(2^(b-1) - 1), 2^(b-1) - 1] when narrow."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if narrow_range else -qmax - 1), qmax
 
 
 def round_ste(x: Tensor) -> Tensor:
