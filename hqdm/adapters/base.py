@@ -30,6 +30,9 @@ class Adapter:
     """Layers whose few input channels make a Hadamard pointless (e.g. the image input conv)."""
     float_layers: tuple[str, ...] = ()
     """Layers kept in floating point (e.g. depthwise convs, which have no integer path)."""
+    dynamic_layers: tuple[str, ...] = ()
+    """Layers whose rows are not the model's samples (e.g. a size embedding of B·2 rows): dynamic per-token
+    activation scales, since a per-timestep table needs one timestep per row."""
     block_types: tuple[tuple[str, str], ...] = ()
     """(glob, block type) pairs for reports; the first match wins."""
     end_by_position: bool = False
@@ -44,6 +47,7 @@ class Adapter:
         """Family defaults, before the user's rules."""
         rules = [Rule(pattern=p, w_bits=config.end_bits, a_bits=config.end_bits) for p in self.end_layers]
         rules += [Rule(pattern=p, rotation="none", center="none", normalize=False) for p in self.unrotated]
+        rules += [Rule(pattern=p, a_dynamic=True) for p in self.dynamic_layers]
         return rules + [Rule(pattern=p, skip=True) for p in self.float_layers]
 
     def block_type(self, name: str, module: nn.Module | None, default: str | None = None) -> str:

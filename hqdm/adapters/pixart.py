@@ -27,7 +27,7 @@ class PixArtAdapter(Adapter):
     @staticmethod
     def _added_conditions(model: nn.Module, x: Tensor) -> dict:
         """PixArt-α 1024 conditions on (height, width) in pixels and the aspect ratio; other PixArts on nothing."""
-        if not model.adaln_single.use_additional_conditions:
+        if not model.use_additional_conditions:
             return {"resolution": None, "aspect_ratio": None}
         b, _, h, w = x.shape
         size = torch.tensor([h * VAE_SCALE, w * VAE_SCALE], device=x.device, dtype=x.dtype).expand(b, 2)
@@ -39,6 +39,7 @@ PIXART = PixArtAdapter(
     call=CallSpec(sample="hidden_states", timestep="timestep", context="encoder_hidden_states"),
     end_layers=("pos_embed.proj", "adaln_single.*", "caption_projection.*", "proj_out"),
     unrotated=("pos_embed.proj",),
+    dynamic_layers=("adaln_single.emb.resolution_embedder.*", "adaln_single.emb.aspect_ratio_embedder.*"),
     block_types=(
         ("adaln_single.emb.*", "temb"),
         ("adaln_single.linear", "adaLN"),

@@ -8,12 +8,28 @@ from torch import Tensor, nn
 from hqdm.adapters.base import Adapter, expand_timesteps, text_inputs
 from hqdm.call import CallSpec
 
+SANA_TIME_MAX = 1000.0
+"""Upper end of Sana's time with timestep_scale = 1 (flow-sigma timesteps σ·1000)."""
 DEFAULT_GUIDANCE = 4.5
 """Guidance-embedding value of guidance-distilled Sana (SanaSprintPipeline's default) when a call passes none."""
 
 
 class SanaAdapter(Adapter):
-    """Sana: text through `encoder_hidden_states` (B, L, caption_channels); the depthwise conv stays in float."""
+    """Sana: text through `encoder_hidden_states` (B, L, caption_channels); the depthwise conv stays in float.
+
+    The model's time is what SanaPipeline passes: the scheduler's σ·1000 times `timestep_scale`; hqdm calls the
+    model with the time it is given, so a model with timestep_scale ≠ 1 declares time_max = 1000·timestep_scale.
+    """
+
+    def setup_student(self, model: nn.Module) -> list[str]:
+        scale = model.config.timestep_scale
+        if scale != 1 and self.call.time_max == SANA_TIME_MAX:
+            raise ValueError(
+                f"This Sana has timestep_scale={scale}: its pipeline passes σ·1000·{scale}. Declare that range, "
+                f"prepare(model, config, call=dataclasses.replace(SANA.call, time_max={SANA_TIME_MAX * scale})), "
+                "and give it timesteps already scaled."
+            )
+        return []
 
     def predict(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None = None,
                 context: Tensor | None = None, pooled: Tensor | None = None,
@@ -31,7 +47,7 @@ class SanaAdapter(Adapter):
 SANA = SanaAdapter(
     name="sana",
     call=CallSpec(sample="hidden_states", timestep="timestep", context="encoder_hidden_states",
-                  guidance="guidance", timesteps="continuous", time_max=1000.0, prediction="flow", path="flow"),
+                  guidance="guidance", timesteps="continuous", time_max=SANA_TIME_MAX, prediction="flow", path="flow"),
     end_layers=("patch_embed.proj", "time_embed.*", "caption_projection.*", "proj_out"),
     unrotated=("patch_embed.proj",),
     float_layers=("*.ff.conv_depth",),
