@@ -17,12 +17,12 @@ from hqdm.quant_primitives import qrange
 Granularity = Literal["tensor", "channel", "token", "group"]
 Rotation = Literal["none", "single", "double"]
 Center = Literal["none", "dynamic", "static"]
-Family = Literal["auto", "dit", "unet", "unet_cond", "generic"]
+Family = Literal["auto", "dit", "unet", "unet_cond", "sd3", "flux", "sana", "pixart", "generic"]
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 ROTATIONS = ("none", "single", "double")
 CENTERS = ("none", "dynamic", "static")
-FAMILIES = ("auto", "dit", "unet", "unet_cond", "generic")
+FAMILIES = ("auto", "dit", "unet", "unet_cond", "sd3", "flux", "sana", "pixart", "generic")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -233,7 +233,8 @@ class QuantConfig:
     num_train_timesteps: int = 1000
     """Timestep range the buckets divide (the noise scheduler's num_train_timesteps)."""
     family: Family = "auto"
-    """Adapter of the model family: auto (detect from the class), dit, unet, unet_cond, generic."""
+    """Adapter of the model family: auto (detect from the class), dit, unet, unet_cond, sd3, flux, sana, pixart,
+    generic; a registered adapter is passed to prepare(adapter=...)."""
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     """Per-layer overrides, applied after the family defaults, in order."""
 

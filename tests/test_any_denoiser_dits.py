@@ -125,6 +125,7 @@ def test_prepare_calibrate_export_load_int_sample(name, tmp_path):
 
 def test_flux_needs_a_declared_shape_and_even_sizes():
     model = _flux()
+    assert all(get_adapter(model, QuantConfig(family=f).family).name == f for f in ("sd3", "flux", "sana", "pixart"))
     with pytest.raises(ValueError, match="FLUX configs carry no sample size"):
         get_adapter(model).input_shape(model)
     with pytest.raises(ValueError, match="height and width must be even"):
