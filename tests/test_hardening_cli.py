@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Trainer
 from torch.utils.data import Dataset
 
 from hqdm import safe_io
@@ -206,9 +208,18 @@ def test_resume_and_evaluation_from_bad_files(wd, capsys, monkeypatch, name, mes
         assert message in error([command, "--config", "q.yaml", "--ckpt_path", name], capsys)
 
 
-def test_weights_only_cannot_be_turned_off(wd, capsys):
-    args = ["fit", "--config", "q.yaml", "--ckpt_path", ckpt_of("q"), "--weights_only", "false"]
-    assert "hqdm reads checkpoints with weights_only=True only" in error(args, capsys)
+def test_weights_only_cannot_be_turned_off_and_reaches_lightning(wd, capsys, monkeypatch):
+    args = ["fit", "--config", "q.yaml", "--ckpt_path", ckpt_of("q")]
+    assert "hqdm reads checkpoints with weights_only=True only" in error([*args, "--weights_only", "false"], capsys)
+    seen = {}
+
+    @functools.wraps(Trainer.fit)  # the CLI reads fit's signature for its options
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    main(args)
+    assert seen["weights_only"] is True and seen["ckpt_path"] == ckpt_of("q")
 
 
 # ---- hqdm fit: the numerics guard ---------------------------------------------------------------------------------
