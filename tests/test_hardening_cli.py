@@ -234,6 +234,17 @@ def test_data_that_turns_infinite_stops_the_run_and_keeps_last_ckpt_good(wd, cap
     assert sorted(p.name for p in run.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
 
 
+def test_a_foreign_last_ckpt_in_the_checkpoint_folder_is_refused(wd, capsys):
+    folder = Path("runs/copied/version_0/checkpoints")
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(Path(ckpt_of("q")).read_bytes())
+    args = ["fit", "--config", "q.yaml", "--trainer.logger.init_args.name", "copied",
+            "--trainer.logger.init_args.version", "0", "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.save_last=true"]
+    assert "exists and was not written by this run: ModelCheckpoint would save last-v1.ckpt" in error(args, capsys)
+    assert sorted(os.listdir(folder)) == ["last.ckpt"]
+
+
 # ---- hqdm export --------------------------------------------------------------------------------------------------
 def no_leftovers(parent: Path = Path(".")) -> bool:
     return not [p for p in parent.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]

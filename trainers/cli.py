@@ -66,7 +66,8 @@ class HqdmCLI(LightningCLI):
             None,  # any datamodule, by class_path (hqdm.data.TeacherTrajectoryDataModule for data-free runs)
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # DistillModule builds its parameter groups itself
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [guards.FiniteGuard(), guards.InputCheck()]},
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [
+                guards.FiniteGuard(), guards.InputCheck(), guards.LastCheckpointCheck()]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION, "epilog": EPILOG, **strict,
                            **{name: dict(strict) for name in LIGHTNING_COMMANDS}},

@@ -3,6 +3,7 @@
     load_checkpoint     weights_only read of a checkpoint of `hqdm fit`, allowing exactly hqdm's option classes
     FiniteGuard         a non-finite loss or gradient stops the run (naming the step and the last good checkpoint);
                         a checkpoint holding NaN / Inf is never written
+    LastCheckpointCheck a last.ckpt the run does not own is refused (it would stay stale beside last-v1.ckpt)
     InputCheck          the first batch must have the model's input shape (C, H, W)
     resume_changes      the options a resume would change, against the checkpoint's saved hyperparameters
     ResumeOverride      with --resume_override, changed learning rates / weight decay / betas really apply
@@ -127,6 +128,26 @@ class FiniteGuard(Callback):
             check_finite(tensors, f"the checkpoint of step {trainer.global_step}")
         except ValueError as err:
             raise NonFiniteError(f"training stopped, refusing to write a checkpoint {_where(trainer)}: {err}") from err
+
+
+# ---- checkpoint folders -------------------------------------------------------------------------------------------
+class LastCheckpointCheck(Callback):
+    """Refuses a fit whose checkpoint folder already holds a last.ckpt this run does not own.
+
+    Lightning would then write last-v1.ckpt, last-v2.ckpt, ... and leave last.ckpt behind, so a later
+    `--ckpt_path .../last.ckpt` would resume from the stale one.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume restored the callbacks' state
+        for cb in trainer.checkpoint_callbacks:
+            if not getattr(cb, "save_last", False) or not getattr(cb, "_enable_version_counter", False):
+                continue
+            last = Path(cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST))
+            if last.exists() and os.path.abspath(last) != os.path.abspath(cb.last_model_path or ""):
+                raise ValueError(
+                    f"{last} exists and was not written by this run: ModelCheckpoint would save last-v1.ckpt and "
+                    f"leave {last.name} stale. Use a fresh folder (the default logger version), or move {last} away."
+                )
 
 
 # ---- the input-shape check ----------------------------------------------------------------------------------------
