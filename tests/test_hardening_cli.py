@@ -291,7 +291,13 @@ def test_export_and_report_refuse_bad_checkpoints_and_write_nothing(wd, capsys, 
 
 def test_an_fp_export_over_an_integer_export_leaves_no_stale_file(wd, capsys):
     main(["export", "--ckpt_path", ckpt_of("q"), "--out_dir", "model", "--calibration_batches", "1"])
-    assert (Path("model") / "hqdm_quant.json").is_file()
+    manifest_file = Path("model") / "hqdm_quant.json"
+    original = manifest_file.read_text()
+    edited = json.loads(original)
+    next(iter(edited["layers"].values()))["config"]["w"]["bits"] = 2
+    manifest_file.write_text(json.dumps(edited))
+    assert "was modified after export" in error(["sample", "--model", "model", "--out", "edited.png"], capsys)
+    manifest_file.write_text(original)
     main(["export", "--ckpt_path", ckpt_of("fp"), "--out_dir", "model", "--overwrite", "true"])
     assert sorted(os.listdir("model")) == ["config.json", "diffusion_pytorch_model.safetensors",
                                           "scheduler_config.json"]
