@@ -48,10 +48,19 @@ def int_mm(a: Tensor, w: Tensor) -> Tensor:
     """
     _check(a, w)
     if a.device.type == "cpu":
-        return torch._int_mm(a.contiguous(), w.contiguous().t())  # any shape on CPU; wᵀ is a view, no copy
+        return torch._int_mm(a.contiguous(), _transposed(w))  # any shape on CPU
     if a.device.type == "cuda":
         return _int_mm_padded(a, w)
     return int_mm_reference(a, w)
+
+
+def _transposed(w: Tensor) -> Tensor:
+    """wᵀ (K, N) for torch._int_mm: a view for K > 1 (no copy); for K = 1 a fresh (1, N) tensor with strides (N, 1),
+    since the view's strides (1, 1) make the CPU kernel read garbage."""
+    w = w.contiguous()
+    if w.shape[1] > 1:
+        return w.t()
+    return torch.empty((1, w.shape[0]), dtype=w.dtype, device=w.device).copy_(w.t())
 
 
 def _int_mm_padded(a: Tensor, w: Tensor) -> Tensor:

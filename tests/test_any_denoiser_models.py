@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hqdm import QuantConfig, Rule, calibrate, prepare, quant_report
+from hqdm import QuantConfig, calibrate, prepare, quant_report
 from hqdm.adapters import get_adapter
 from hqdm.call import CallSpec
 from hqdm.export import export_layer
@@ -205,15 +205,23 @@ def _integer_model(student: nn.Module, float_model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_int_mm_is_exact_for_any_inner_width(k):
+    from hqdm.int_matmul import int_mm, int_mm_reference
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (7, k), generator=g, dtype=torch.int8)
+    assert torch.equal(int_mm(a, w), int_mm_reference(a, w))
+
+
 @pytest.mark.parametrize("kind", ["vit", "unet"])
 def test_integer_layers_of_attention_projections_and_transposed_convs(kind):
     torch.manual_seed(0)
     model, call = (TinyViT(), VIT_CALL) if kind == "vit" else (TinyUNet(), UNET_CALL)
     model.eval()
-    # K = 1 (the width-1 time input): torch._int_mm on CPU misreads the (1, N) transposed weight view (strides
-    # (1, 1)) and returns uninitialized memory, so that layer stays in float here
-    rules = (Rule(pattern="time.0", skip=True),) if kind == "vit" else ()
-    student, _ = prepare(model, QuantConfig(w_bits=4, a_bits=8, timestep_buckets=4, rules=rules), call=call)
+    # the ViT's width-1 time input is a K = 1 integer GEMM (hqdm.int_matmul materializes its (1, N) weight)
+    student, _ = prepare(model, QuantConfig(w_bits=4, a_bits=8, timestep_buckets=4), call=call)
     batches = _batches(call, alphas=make_scheduler("ddim").alphas_cumprod)
     calibrate(student, batches, progress=False)
     int_model, adapter, b = _integer_model(student, model), get_adapter(student), batches[0]
