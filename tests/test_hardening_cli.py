@@ -235,11 +235,11 @@ def test_data_that_turns_infinite_stops_the_run_and_keeps_last_ckpt_good(wd, cap
 
 
 def test_a_foreign_last_ckpt_in_the_checkpoint_folder_is_refused(wd, capsys):
-    folder = Path("runs/copied/version_0/checkpoints")
+    folder = Path("runs/copied/first/checkpoints")  # a string version is the folder's name as given
     folder.mkdir(parents=True)
     (folder / "last.ckpt").write_bytes(Path(ckpt_of("q")).read_bytes())
     args = ["fit", "--config", "q.yaml", "--trainer.logger.init_args.name", "copied",
-            "--trainer.logger.init_args.version", "0", "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.logger.init_args.version", "first", "--trainer.callbacks+=ModelCheckpoint",
             "--trainer.callbacks.save_last=true"]
     assert "exists and was not written by this run: ModelCheckpoint would save last-v1.ckpt" in error(args, capsys)
     assert sorted(os.listdir(folder)) == ["last.ckpt"]
