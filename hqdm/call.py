@@ -70,6 +70,8 @@ class CallSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", None if self.input_shape is None else tuple(self.input_shape))
+        if isinstance(self.time_max, int) and not isinstance(self.time_max, bool):
+            object.__setattr__(self, "time_max", float(self.time_max))  # continuous spans are floats (YAML: 1000)
         declared = self.declared()
         if self.sample is None:
             raise ValueError("sample=None: every denoiser takes its noisy input; give its name or position (e.g. 0).")

@@ -211,8 +211,12 @@ class FakeQuantizer(nn.Module):
         """
         if self.role != "act" or self.spec.dynamic:
             raise ValueError("Only static activation quantizers keep a per-timestep table to resample.")
-        if buckets < 1 or buckets > self.num_train_timesteps:
-            raise ValueError(f"buckets={buckets} must be in [1, num_train_timesteps={self.num_train_timesteps}].")
+        index_time = isinstance(self.num_train_timesteps, int)  # continuous time spans a float range: any count
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1 or (
+                index_time and buckets > self.num_train_timesteps):
+            raise ValueError(f"buckets={buckets!r} must be an integer in [1, {self.num_train_timesteps}] (index time "
+                             "has that many timesteps)" if index_time else
+                             f"buckets={buckets!r} must be an integer >= 1.")
         from dataclasses import replace
 
         def resize(t: Tensor) -> Tensor:

@@ -194,6 +194,23 @@ def test_continuous_time_in_zero_one_fills_every_bucket():
     assert timesteps_of(student).t is None  # cleared after the call
 
 
+@pytest.mark.parametrize("time_max", [1.0, 1000])
+def test_continuous_time_tables_resample_to_any_bucket_count(time_max):
+    from hqdm.layers import resample_timesteps
+
+    call = CallSpec(sample=0, timestep=1, class_labels=2, timesteps="continuous", time_max=time_max)
+    assert call.time_max == float(time_max)
+    student, _ = prepare(Labeled(), QuantConfig(timestep_buckets=4, a_dynamic=False), call=call)
+    calibrate(student, _batches(continuous=True), progress=False)
+    before = student.body.a_quant.scale.detach().clone()  # (4, ...)
+    resample_timesteps(student, 8)  # more buckets than time_max = 1.0 "timesteps": allowed for continuous time
+    after = student.body.a_quant.scale.detach()
+    assert after.shape[0] == 8 and student.body.a_quant.spec.timestep_buckets == 8
+    assert torch.equal(after[::2], before) and torch.equal(after[1::2], before)  # each old bucket split in two
+    with pytest.raises(ValueError, match="integer >= 1"):
+        resample_timesteps(student, 0)
+
+
 # ---- mode hygiene -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("train", [True, False])
 def test_calibrate_and_report_restore_every_module_mode(train):
