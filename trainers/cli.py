@@ -16,16 +16,7 @@ import re
 import sys
 from argparse import ArgumentError
 
-import torch
-import yaml
-from jsonargparse import set_parsing_settings
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-from hqdm import safe_io
-from hqdm.trainers import guards
-from hqdm.trainers.module import DistillModule
+from hqdm.trainers.quiet import silence_known_notices
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "hqdm"}},
@@ -34,93 +25,56 @@ TRAINER_DEFAULTS = {
 
 PLAIN_COMMANDS = ("export", "sample", "report")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-CKPT_KEYWORDS = ("last", "best", "hpc")
-"""Lightning's special --ckpt_path values (resolved by the Trainer; no file to compare options with)."""
 
 DESCRIPTION = "hqdm: quantization-aware training of low-bit diffusion models (HQ-DM, HadaNorm)."
-EPILOG = (
-    "more commands: hqdm export (trained student -> integer model folder), hqdm sample (PNG grid from an export, "
-    "a checkpoint or a diffusers folder), hqdm report (per-layer SQNR table and plot). See hqdm <command> --help. "
-    "Errors print one line; --debug (or HQDM_DEBUG=1) shows the traceback."
-)
-RESUME_HELP = (
-    "With --ckpt_path: resume although options that may change safely differ from the checkpoint's "
-    f"({', '.join(guards.SAFE_ON_RESUME)}); any other difference is always refused. Trainer options such as "
-    "max_steps may always change."
-)
-
-EXPECTED_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, guards.NonFiniteError,
-                   torch.OutOfMemoryError)
-"""Errors of bad input, missing or unreadable files, unsupported setups and diverged runs: one line, no traceback."""
+COMMANDS = {
+    "fit": "PTQ-calibrate the student, then distill it from its FP teacher (--ckpt_path resumes a run)",
+    "validate": "one validation pass of a checkpoint, or of the PTQ model without one (SQNR, PSNR/SSIM, grids)",
+    "test": "one test pass, as validate, on the datamodule's test split",
+    "predict": "the student's predictions on the datamodule's predict split",
+    "export": "trained student -> integer model folder (config.json, hqdm_quant.json, weights, README.md card)",
+    "sample": "PNG grid (a row per class) from an export, a checkpoint or a diffusers folder",
+    "report": "per-layer SQNR of the student against its teacher: a table and a bar plot",
+}
+"""One line per subcommand for `hqdm --help`; fit / validate / test / predict are LightningCLI's, the rest plain."""
 
 
-class HqdmCLI(LightningCLI):
-    """LightningCLI over DistillModule; any LightningDataModule (hqdm.data.*) is picked by class_path in `data:`."""
+def top_help() -> str:
+    """`hqdm --help`: every subcommand with one line, without building any parser (it returns at once)."""
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: hqdm {{{','.join(COMMANDS)}}} [options]", "", DESCRIPTION, "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`hqdm <command> --help` lists a command's options (`hqdm fit --help`: every trainer, model, "
+              "model.quant and data option).", "`hqdm fit --config run.yaml --print_config` prints a run's complete "
+              "configuration. Errors print one line; --debug (or HQDM_DEBUG=1) shows the traceback."]
+    return "\n".join(lines)
 
-    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
-        help_docs(sys.argv[1:] if args is None else args)
-        # --trainer.max_step must not silently mean --trainer.max_steps; errors are raised (main prints one line)
-        strict = {"allow_abbrev": False, "exit_on_error": False}
-        super().__init__(
-            DistillModule,
-            None,  # any datamodule, by class_path (hqdm.data.TeacherTrajectoryDataModule for data-free runs)
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,  # DistillModule builds its parameter groups itself
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [
-                guards.FiniteGuard(), guards.InputCheck(), guards.LastCheckpointCheck()]},
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION, "epilog": EPILOG, **strict,
-                           **{name: dict(strict) for name in LIGHTNING_COMMANDS}},
-            args=args,
-            run=run,
-            **kwargs,
-        )
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--resume_override", type=bool, default=False, help=RESUME_HELP)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors of bad input, missing or unreadable files, unsupported setups and diverged runs: one line, no traceback.
 
-    def before_instantiate_classes(self) -> None:
-        sub = self.config.get("subcommand")
-        if sub:
-            guards.check_optimizer_options(self.config[sub].get("model"))
+    A function, not a constant: its classes come from torch and Lightning, which `hqdm --help` never imports.
+    """
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    def _parse_ckpt_path(self) -> None:
-        """Compare the checkpoint's options with this run's instead of silently replacing this run's by them."""
-        sub = self.config.get("subcommand")
-        path = self.config[sub].get("ckpt_path") if sub else None
-        if path is None or str(path) in CKPT_KEYWORDS or str(path).startswith("registry"):
-            return
-        ckpt = guards.load_checkpoint(str(path))
-        cfg, config_file = self.config[sub], guards.saved_config(str(path))
-        saved = (yaml.safe_load(open(config_file)) or {}) if config_file else {}
-        seeds = (saved["seed_everything"], cfg.get("seed_everything")) if "seed_everything" in saved else None
-        changes = guards.resume_changes(ckpt, cfg.get("model"), cfg.get("data"), seeds)
-        guards.check_resume(str(path), changes, bool(cfg.get("resume_override")), config_file)
-        if changes:
-            rank_zero_info("hqdm: resuming with changed options (--resume_override):\n"
-                           + "\n".join(str(c) for c in changes))
-        if sub == "fit" and any(c.key in guards.OPTIMIZER_KEYS for c in changes):
-            self.trainer_defaults["callbacks"].append(guards.ResumeOverride())
+    from hqdm.trainers import guards
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run with weights_only=True for every checkpoint Lightning loads, allowing exactly hqdm's classes."""
-        cfg = self.config_init[subcommand]
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            if cfg.get("weights_only") is False:
-                raise ValueError(
-                    "--weights_only false would let a checkpoint run code while it is unpickled; hqdm reads "
-                    "checkpoints with weights_only=True only: drop the option."
-                )
-            cfg["weights_only"] = True
-        with safe_io.allowed_globals(guards.CHECKPOINT_GLOBALS):
-            super()._run_subcommand(subcommand)
+    return (ValueError, OSError, ArgumentError, MisconfigurationException, guards.NonFiniteError,
+            torch.OutOfMemoryError)
+
+
+def help_requested(argv) -> bool:
+    """Whether `argv` asks for help or for a printed config (the only times option docstrings are read)."""
+    return any(a in ("-h", "--help") or a.startswith("--print_config") or a.endswith(".help")
+               for a in map(str, argv or []))
 
 
 def help_docs(argv) -> None:
     """Read dataclass field docstrings (for --help) only when help is asked for: it costs ~2 s per command."""
-    wanted = any(a in ("-h", "--help") or a.startswith("--print_config") or a.endswith(".help")
-                 for a in map(str, argv or []))
-    set_parsing_settings(docstring_parse_attribute_docstrings=wanted)
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=help_requested(argv))
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -154,8 +108,10 @@ def short_message(err: BaseException) -> str:
 
 def fail(command: str, err: BaseException) -> None:
     """Print one line for an expected error and exit: 3 for a run stopped on NaN / Inf, 2 otherwise."""
+    from hqdm.trainers.guards import NonFiniteError
+
     print(f"hqdm {command}: error: {short_message(err)}", file=sys.stderr)
-    sys.exit(3 if isinstance(err, guards.NonFiniteError) else 2)
+    sys.exit(3 if isinstance(err, NonFiniteError) else 2)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -163,20 +119,26 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
-    command = argv[0] if argv and not argv[0].startswith("-") else "hqdm"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help(), file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    command = argv[0] if not argv[0].startswith("-") else "hqdm"
+    silence_known_notices()
     try:
-        if argv and argv[0] in PLAIN_COMMANDS:
+        if argv[0] in PLAIN_COMMANDS:
             from hqdm.trainers.commands import run_command
 
             run_command(argv[0], argv[1:], debug=debug)
             return
+        from hqdm.trainers.lightning_cli import HqdmCLI
+
         if args is None:
             sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (passing args as well makes it warn)
             HqdmCLI()
         else:
             HqdmCLI(args=argv)
-    except EXPECTED_ERRORS as err:
-        if debug:
+    except Exception as err:
+        if debug or not isinstance(err, expected_errors()):
             raise
         fail(command, err)
 

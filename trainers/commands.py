@@ -17,18 +17,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import yaml
-from jsonargparse import ArgumentParser
-from lightning.pytorch import LightningDataModule
-
-from hqdm import safe_io
-from hqdm.trainers.guards import CHECKPOINT_GLOBALS, load_checkpoint, saved_config
-from hqdm.trainers.module import DistillModule
 from hqdm.trainers.options import Diffusion, Sampler
-from hqdm.trainers.run_data import command_data, val_loader
-from hqdm.trainers.source import resolve_path
+
+if TYPE_CHECKING:  # Lightning and the module are imported when a command runs, not for its --help
+    from lightning.pytorch import LightningDataModule
+
+    from hqdm.trainers.module import DistillModule
 
 SCHEDULER_FILE = "scheduler_config.json"
 """Written beside every export, so `hqdm sample` draws with the schedule the model was trained on."""
@@ -72,6 +68,12 @@ def write_atomically(out: Path, write) -> None:
 # ---- loading a run ------------------------------------------------------------------------------------------------
 def parse_config(config: str, with_model: bool) -> tuple[DistillModule | None, LightningDataModule | None]:
     """Instantiate the `model` (optional) and `data` sections of a run YAML; other sections are ignored."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    from hqdm.trainers.module import DistillModule
+
     if not Path(config).is_file():
         raise FileNotFoundError(f"--config {config!r} does not exist.")
     try:
@@ -94,6 +96,10 @@ def parse_config(config: str, with_model: bool) -> tuple[DistillModule | None, L
 def load_run(config: str | None, ckpt_path: str | None,
              device: str = "cpu") -> tuple[DistillModule, LightningDataModule | None]:
     """(module on `device`, datamodule or None) from a checkpoint and/or a run YAML."""
+    from hqdm import safe_io
+    from hqdm.trainers.guards import CHECKPOINT_GLOBALS, load_checkpoint, saved_config
+    from hqdm.trainers.module import DistillModule
+
     if config is None and ckpt_path is None:
         raise ValueError("Name the run: --ckpt_path (a checkpoint of `hqdm fit`) and/or --config (a run YAML).")
     if ckpt_path is not None:
@@ -137,6 +143,9 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
         overwrite: replace an existing out_dir; only a folder hqdm export or save_pretrained wrote is replaced.
         device: torch device.
     """
+    from hqdm import safe_io
+    from hqdm.trainers.run_data import command_data, val_loader
+
     check_count("calibration_batches", calibration_batches)
     out = Path(out_dir).expanduser()
     for note in safe_io.clean_leftovers(out):
@@ -171,7 +180,7 @@ def load_sampler_model(model: str, config: str | None, device: str, sampler: Sam
     """(model, adapter, scheduler, diffusion or None) from an export folder, a checkpoint or a diffusers folder."""
     from hqdm.adapters import get_adapter
     from hqdm.runtime import MANIFEST_FILE, load_int
-    from hqdm.trainers.source import load_pretrained
+    from hqdm.trainers.source import load_pretrained, resolve_path
 
     if model.endswith(".ckpt"):
         module, _ = load_run(config, model, device)
@@ -205,6 +214,8 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
         device: torch device.
         progress: show a progress bar over the steps.
     """
+    import torch
+
     from hqdm.sampling import save_grid
     from hqdm.trainers.evaluation import draw, grid_labels
     from hqdm.trainers.module import class_info
@@ -249,6 +260,7 @@ def report(ckpt_path: str | None = None, config: str | None = None, batches: int
         device: torch device.
     """
     from hqdm.report import quant_report
+    from hqdm.trainers.run_data import command_data, val_loader
 
     check_count("batches", batches)
     check_output_file("plot", plot)
@@ -271,18 +283,18 @@ COMMANDS = {"export": export, "sample": sample, "report": report}
 def run_command(name: str, args: list[str], debug: bool = False) -> None:
     """Parse `args` for command `name`, run it, and turn expected errors into one clear line (exit code 2).
 
-    Expected errors are bad values, missing, unreadable or crafted files, unwritable targets (`cli.EXPECTED_ERRORS`
-    and argument errors); `debug` re-raises them with their traceback.
+    Expected errors are bad values, missing, unreadable or crafted files, unwritable targets
+    (`cli.expected_errors()` and argument errors); `debug` re-raises them with their traceback.
     """
     from jsonargparse import CLI, ArgumentError
 
-    from hqdm.trainers.cli import EXPECTED_ERRORS, fail, help_docs
+    from hqdm.trainers.cli import expected_errors, fail, help_docs
 
     help_docs(args)
     try:
         CLI(COMMANDS[name], args=args, as_positional=False, prog=f"hqdm {name}", allow_abbrev=False,
             exit_on_error=False)
-    except (*EXPECTED_ERRORS, ArgumentError) as err:  # bad input, not a bug
-        if debug:
+    except Exception as err:
+        if debug or not isinstance(err, (*expected_errors(), ArgumentError)):  # anything else is a bug: traceback
             raise
         fail(name, err)

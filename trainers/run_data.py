@@ -76,7 +76,7 @@ def command_data(module, datamodule: LightningDataModule | None, ckpt_path: str 
             "(the config.yaml saved beside version_N/checkpoints is found automatically)."
         )
     if ckpt_path is not None and config is None:
-        from hqdm.trainers.commands import saved_config
+        from hqdm.trainers.guards import saved_config
 
         config = saved_config(ckpt_path)
     if isinstance(datamodule, TeacherTrajectoryDataModule):
