@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -55,6 +57,20 @@ class RectifiedFlowEuler:
         self.config = SimpleNamespace(num_train_timesteps=num_train_timesteps, shift=shift, prediction_type="flow")
         self.sigmas = self.timesteps = torch.empty(0)
         self.step_index = 0
+
+    def save_config(self, save_directory) -> None:
+        """Write scheduler_config.json as diffusers schedulers do (read back by `from_config`)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": type(self).__name__, "num_train_timesteps": self.config.num_train_timesteps,
+                  "shift": self.config.shift}
+        (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_config(cls, config) -> RectifiedFlowEuler:
+        """From a saved config (a dict or a diffusers config of another scheduler: its T and shift, if any)."""
+        get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+        return cls(num_train_timesteps=int(get("num_train_timesteps", 1000)), shift=float(get("shift", 1.0) or 1.0))
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)

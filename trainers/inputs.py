@@ -1,9 +1,12 @@
-"""Batches -> model inputs ``{x_t, t, y, target, context}``: forward noising of real data and CFG label dropout.
+"""Batches -> model inputs ``{x_t, t, y, target, context, pooled}``: forward noising of real data, CFG label dropout.
 
-    real data {x, y}        ──noise at t (random, or given), labels dropped to the null class (one mask)──▶ inputs
-    trajectory rows {x_t, t, y, target}  ──as recorded──────────────────────────────────────────────────▶ inputs
+    real data {x, y?, context?, pooled?} ──noise at t (random, or given), labels dropped (one mask)──▶ inputs
+    trajectory rows {x_t, t, y, target, context?, pooled?}  ──as recorded──────────────────────────────▶ inputs
 
 One draw serves both models: the teacher and the student see the same noise, timesteps and dropped labels.
+Noising follows the model's call declaration (`hqdm.call.CallSpec`): index time on a diffusion path is diffusers'
+DDPM forward process; continuous time draws t uniformly in [0, time_max], and a flow path mixes
+x_σ = (1 − σ)·x0 + σ·ε (rectified flow / flow matching) with the target the call's prediction of (x0, ε).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hqdm.call import CallSpec
+from hqdm.sampling import add_noise, prediction_target
 from hqdm.trainers.evaluation import stratified_timesteps
 from hqdm.trainers.options import Diffusion
 
@@ -31,30 +36,58 @@ class DiffusionInputs:
         null_class: the unconditional label, or None (no CFG dropout).
         label_dropout: share of labels replaced by the null class, per step, in [0, 1).
         target: compute the diffusion target of real data (FP training); distillation takes the teacher's instead.
+        call: the model's call declaration: its time convention, path and (when `declared`) prediction.
+        declared: the call was declared for this run, so its prediction is the FP target; an undeclared call of
+            index time on a diffusion path (the built-in DiT / UNet families) regresses `diffusion.prediction_type`.
     """
 
-    def __init__(self, diffusion: Diffusion, null_class: int | None, label_dropout: float, target: bool) -> None:
+    def __init__(self, diffusion: Diffusion, null_class: int | None, label_dropout: float, target: bool,
+                 call: CallSpec | None = None, declared: bool = False) -> None:
         self.diffusion, self.null_class, self.label_dropout, self.target = diffusion, null_class, label_dropout, target
         self.noise_scheduler = diffusion.noise_scheduler()
+        self.call = CallSpec() if call is None else call
+        self.classic = self.call.timesteps == "index" and self.call.path == "diffusion"
+        """Index time on a diffusion path: diffusers' DDPM noising, as every diffusers family trains."""
+        self.prediction = diffusion.prediction_type if self.classic and not declared else self.call.prediction
 
     def __call__(self, batch: dict, generator: torch.Generator | None = None, timesteps: Tensor | None = None,
                  dropout: bool = True) -> dict:
-        """{x_t, t, y, target, context}: trajectory rows as they are; real data noised with one draw for both models."""
+        """{x_t, t, y, target, context, pooled}: trajectory rows as they are; real data noised with one draw for
+        both models. `timesteps` are the model's own time (index or continuous, see `model_timesteps`)."""
         if "x_t" in batch:
-            return {"x_t": batch["x_t"], "t": batch["t"].long(), "y": batch["y"].long(), "target": batch["target"],
-                    "context": batch.get("context")}
+            t = batch["t"]
+            return {"x_t": batch["x_t"], "t": t if t.is_floating_point() else t.long(), "y": batch["y"].long(),
+                    "target": batch["target"], "context": batch.get("context"), "pooled": batch.get("pooled")}
         x0 = batch["x"]
         n, device = x0.shape[0], x0.device
         y = batch["y"].long() if "y" in batch else torch.zeros(n, dtype=torch.long, device=device)
         gen_device = generator.device if generator is not None else device
-        t = timesteps if timesteps is not None else torch.randint(
-            0, self.diffusion.num_train_timesteps, (n,), generator=generator, device=gen_device).to(device)
+        t = timesteps if timesteps is not None else self.random_timesteps(n, generator, gen_device).to(device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
         if dropout:
             y = drop_labels(y, self.label_dropout, self.null_class, generator)
-        return {"x_t": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "y": y,
-                "target": self.diffusion_target(x0, noise, t) if self.target else None,
-                "context": batch.get("context")}
+        if self.classic:
+            x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        else:
+            x_t = add_noise(self.call, x0, noise, t, self.diffusion.num_train_timesteps, self._alphas())
+        return {"x_t": x_t, "t": t, "y": y, "target": self.diffusion_target(x0, noise, t) if self.target else None,
+                "context": batch.get("context"), "pooled": batch.get("pooled")}
+
+    def random_timesteps(self, n: int, generator: torch.Generator | None, device) -> Tensor:
+        """(n,) model times: integers 0..T−1 for index time, uniform floats in [0, time_max) for continuous time."""
+        if self.call.timesteps == "index":
+            return torch.randint(0, self.diffusion.num_train_timesteps, (n,), generator=generator, device=device)
+        return torch.rand(n, generator=generator, device=device) * self.call.time_max
+
+    def model_timesteps(self, index: Tensor) -> Tensor:
+        """The model's time of schedule indices 0..T−1 (as `stratified_timesteps` draws them): the indices for
+        index time, the middle of each index's share of [0, time_max] for continuous time (same bucket)."""
+        if self.call.timesteps == "index":
+            return index
+        return (index.double() + 0.5) / self.diffusion.num_train_timesteps * self.call.time_max
+
+    def _alphas(self) -> Tensor | None:
+        return self.noise_scheduler.alphas_cumprod if self.call.path == "diffusion" else None
 
     def stratified(self, batch: dict, buckets: int, generator: torch.Generator, offset: int = 0,
                    dropout: bool = False) -> dict:
@@ -64,11 +97,15 @@ class DiffusionInputs:
             return self(batch)
         x = batch["x"]
         t = stratified_timesteps(x.shape[0], buckets, self.diffusion.num_train_timesteps, generator, offset)
-        return self(batch, generator, t.to(x.device), dropout=dropout)
+        t = self.model_timesteps(t)
+        return self(batch, generator, (t.float() if t.is_floating_point() else t).to(x.device), dropout=dropout)
 
     def diffusion_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What the model regresses: the noise, the velocity or the clean sample (diffusion.prediction_type)."""
-        kind = self.diffusion.prediction_type
+        """What the model regresses: the noise, the velocity, the clean sample or the flow velocity (the declared
+        call's prediction, else diffusion.prediction_type)."""
+        kind = self.prediction
+        if not self.classic:
+            return prediction_target(self.call, x0, noise, t, self.diffusion.num_train_timesteps, self._alphas())
         if kind == "epsilon":
             return noise
         return self.noise_scheduler.get_velocity(x0, noise, t) if kind == "v_prediction" else x0

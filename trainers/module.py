@@ -28,14 +28,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
 
-from hqdm.adapters import get_adapter
+from hqdm.adapters import resolve_adapter
 from hqdm.calibrate import calibrate, is_calibrated
+from hqdm.call import CallSpec
 from hqdm.config import QuantConfig, Rule
 from hqdm.prepare import prepare, quant_layers
 from hqdm.trainers.evaluation import log_image
 from hqdm.trainers.inputs import DiffusionInputs
 from hqdm.trainers.losses import (
-    capture_outputs,
+    FeatureTap,
     double_for_guidance,
     feature_mse,
     guided_prediction,
@@ -48,11 +49,18 @@ from hqdm.trainers.trajectories import TeacherSampler
 from hqdm.trainers.validation import Evaluator
 
 # Checkpoints pickle the hyperparameters; these classes are what they hold besides plain values.
-torch.serialization.add_safe_globals([ModelSource, QuantConfig, Rule, Diffusion, Loss, Evaluation])
+torch.serialization.add_safe_globals([ModelSource, QuantConfig, Rule, Diffusion, Loss, Evaluation, CallSpec])
 
 Mode = Literal["distill", "fp"]
 TEACHER = "teacher."
 """State-dict prefix of the teacher's tensors: never written to checkpoints."""
+
+
+def _check_backend(backend: str) -> None:
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"compile_backend={backend!r} is not a torch.compile backend; choose one of {known} "
+                         "('inductor' generates kernels; 'aot_eager' only traces).")
 
 
 def class_info(model: nn.Module, adapter) -> tuple[int, int | None]:
@@ -74,6 +82,20 @@ def disable_label_dropout(model: nn.Module) -> list[str]:
         if type(module).__name__ == "LabelEmbedding" and getattr(module, "dropout_prob", 0) > 0:
             notes.append(f"{name}: label dropout {module.dropout_prob} -> 0 (CFG dropout happens in the step)")
             module.dropout_prob = 0.0
+    return notes
+
+
+def disable_dropout(model: nn.Module) -> list[str]:
+    """Dropout off in `model` (Dropout modules and attention dropout): the student trains as the eval-mode teacher
+    predicts. Returns notes."""
+    notes = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            notes.append(f"{name}: dropout {module.p} -> 0 (student_dropout: false)")
+            module.p = 0.0
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            notes.append(f"{name}: attention dropout {module.dropout} -> 0 (student_dropout: false)")
+            module.dropout = 0.0
     return notes
 
 
@@ -102,6 +124,17 @@ class DistillModule(LightningModule):
         calibration_batches: training batches of the PTQ calibration at fit start (skipped for a calibrated
             student, e.g. on resume).
         evaluation: validation / test metrics and sample grids.
+        call: the model's call declaration (hqdm.call.CallSpec; YAML `call: {timestep: t, class_labels: y, ...}`),
+            replacing the family adapter's: how the model is called, its time, prediction and path. None: the
+            adapter's (a diffusers family, or one registered with hqdm.register_adapter).
+        student_dropout: keep the student's dropout layers live while training; off by default, so the student
+            learns what the eval-mode teacher predicts.
+        compile: torch.compile the training step's loss: the student's and the teacher's forward and the loss in one
+            graph (fullgraph, no breaks; other timesteps of the same shapes reuse it). None (default): on for CUDA,
+            off on the CPU, where compiling costs more than it saves on small models. Modules are not wrapped, so
+            checkpoints keep their keys and resume exactly either way. Validation, sampling and calibration run eager.
+        compile_backend: the torch.compile backend ('inductor'; 'aot_eager' traces the same graphs, forward and
+            backward, without generating code: for debugging).
     """
 
     def __init__(
@@ -123,28 +156,45 @@ class DistillModule(LightningModule):
         lr_schedule: Schedule = "constant",
         calibration_batches: int = 8,
         evaluation: Evaluation = Evaluation(),
+        call: CallSpec | None = None,
+        student_dropout: bool = False,
+        compile: bool | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # under LightningCLI these are the config's plain values; typed copies below
         self.source, self.quant, self.diffusion, self.loss_options = source, quant, diffusion, loss
         self._check_args(quant, diffusion, label_dropout, lora_rank, calibration_batches)
+        _check_backend(compile_backend)
         model = source.build()
-        self.adapter = get_adapter(model, quant.family if quant else "auto")
+        self.adapter = resolve_adapter(model, quant.family if quant else "auto", call)
+        diffusion.check_call(self.adapter.call)
         self.num_classes, self.null_class = class_info(model, self.adapter)
         self._check_guidance(diffusion.guidance_scale, loss.guidance_scale)
         self.label_dropout_notes = disable_label_dropout(model)
         if self.mode == "fp":
             self.student, self.teacher, self.prepare_report = model, None, None
         else:
-            self.student, self.prepare_report = prepare(model, quant)
+            self.student, self.prepare_report = prepare(model, quant, adapter=self.adapter)
             self.teacher = model.eval().requires_grad_(False)
+        if not student_dropout:
+            self.label_dropout_notes += disable_dropout(self.student)
         if lora_rank:
             self._add_lora()
-        self.inputs = DiffusionInputs(diffusion, self.null_class, label_dropout, target=self.mode == "fp")
+        self.inputs = DiffusionInputs(diffusion, self.null_class, label_dropout, target=self.mode == "fp",
+                                      call=self.adapter.call, declared=call is not None)
         caption = "model (FP)" if quant is None else f"student W{quant.w_bits}A{quant.a_bits}"
         self.evaluator = Evaluator(self.adapter, diffusion, evaluation, self.inputs, self.num_classes,
                                    self.null_class, "target" if self.mode == "fp" else "teacher", caption)
         self.feature_names = resolve_feature_modules(model, loss.feature_modules) if loss.feature_weight else []
+        self.taps = {"student": FeatureTap(self.student, self.feature_names),
+                     "teacher": FeatureTap(self.teacher, self.feature_names) if self.teacher is not None else None}
+        self._step_loss = None  # compute_loss, compiled on the first training step where `compiles`
+
+    @property
+    def compiles(self) -> bool:
+        """Whether training steps run the compiled loss: `compile`, or (None) whether the module is on CUDA."""
+        return self.device.type == "cuda" if self.hparams.compile is None else bool(self.hparams.compile)
 
     @property
     def mode(self) -> Mode:
@@ -255,29 +305,32 @@ class DistillModule(LightningModule):
             batch = move_data_to_device(batch, self.device)
             offset = i * len(batch["x"]) if "x" in batch else 0
             inputs = self.inputs.stratified(batch, buckets, generator, offset, dropout=True)
-            out.append({"x": inputs["x_t"], "t": inputs["t"], "y": inputs["y"], "context": inputs["context"]})
+            out.append({"x": inputs["x_t"], "t": inputs["t"], "y": inputs["y"], "context": inputs["context"],
+                        "pooled": inputs["pooled"]})
         return out
 
     # ---- predictions and loss ---------------------------------------------------------------------------------
-    def predict_noise(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, context: Tensor | None = None):
+    def predict_noise(self, model: nn.Module, x: Tensor, t: Tensor, y: Tensor, context: Tensor | None = None,
+                      pooled: Tensor | None = None):
         """The model's prediction (per-timestep activation scales read `t` from the model's own call)."""
-        return self.adapter.predict(model, x, t, y, context)
+        return self.adapter.predict(model, x, t, y, context, pooled)
 
     def distill_outputs(self, inputs: dict) -> tuple[Tensor, Tensor, dict, dict]:
         """(student prediction, teacher prediction, student features, teacher features) on the same inputs."""
-        x, t, y, context = inputs["x_t"], inputs["t"], inputs["y"], inputs["context"]
+        x, t, y, context, pooled = inputs["x_t"], inputs["t"], inputs["y"], inputs["context"], inputs.get("pooled")
         guidance = self.loss_options.guidance_scale
         if guidance is not None:
             x, t, y = double_for_guidance(x, t, y, self.null_class)
             context = None if context is None else torch.cat([context, context])
-        with capture_outputs(self.student, self.feature_names) as s_feats:
-            pred = self.predict_noise(self.student, x, t, y, context)
+            pooled = None if pooled is None else torch.cat([pooled, pooled])
+        with self.taps["student"].capture() as s_feats:
+            pred = self.predict_noise(self.student, x, t, y, context, pooled)
         t_feats: dict = {}
         if inputs.get("target") is not None and guidance is None and not self.feature_names:
             ref = inputs["target"]  # a trajectory row: the teacher's prediction, recorded when it was sampled
         else:
-            with torch.no_grad(), capture_outputs(self.teacher, self.feature_names) as t_feats:
-                ref = self.predict_noise(self.teacher, x, t, y, context)
+            with torch.no_grad(), self.taps["teacher"].capture() as t_feats:
+                ref = self.predict_noise(self.teacher, x, t, y, context, pooled)
         if guidance is not None:
             pred, ref = guided_prediction(pred, guidance), guided_prediction(ref, guidance)
         return pred, ref, s_feats, t_feats
@@ -285,7 +338,8 @@ class DistillModule(LightningModule):
     def compute_loss(self, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """The distillation loss ('distill') or the diffusion loss ('fp'), and its parts for logging."""
         if self.mode == "fp":
-            pred = self.predict_noise(self.student, inputs["x_t"], inputs["t"], inputs["y"], inputs["context"])
+            pred = self.predict_noise(self.student, inputs["x_t"], inputs["t"], inputs["y"], inputs["context"],
+                                      inputs.get("pooled"))
             return F.mse_loss(pred.float(), inputs["target"].float()), {}
         pred, ref, s_feats, t_feats = self.distill_outputs(inputs)
         out = F.mse_loss(pred.float(), ref.float())
@@ -300,9 +354,18 @@ class DistillModule(LightningModule):
         seed = (torch.initial_seed() + 1_000_003 * self.global_step + 7919 * self.global_rank) % 2**63
         return torch.Generator(device=device).manual_seed(seed)
 
+    def step_loss(self, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """`compute_loss` of a training step: compiled on first use where `compiles` (see `compile`)."""
+        if self._step_loss is None:
+            fn = self.compute_loss
+            if self.compiles:
+                fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.hparams.compile_backend)
+            self._step_loss = fn
+        return self._step_loss(inputs)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         inputs = self.inputs(batch, self.step_generator(self.device))
-        loss, parts = self.compute_loss(inputs)
+        loss, parts = self.step_loss(inputs)
         n = inputs["x_t"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for name, value in parts.items():

@@ -14,7 +14,10 @@ from diffusers import DDPMScheduler
 
 from hqdm.sampling import SCHEDULERS, make_scheduler
 
-Sampler = Literal["ddim", "ddpm", "dpm", "euler"]
+Sampler = Literal["ddim", "ddpm", "dpm", "euler", "flow_euler", "rf_euler"]
+"""Diffusion schedulers (ddim, ddpm, dpm, euler) and flow ones: diffusers' FlowMatchEulerDiscreteScheduler
+(flow_euler) and rectified-flow Euler (rf_euler); a model's call declares which path it was trained on."""
+FLOW_SAMPLERS = ("flow_euler", "rf_euler")
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -48,6 +51,10 @@ class Diffusion:
     """Sampling steps (DDIM with 25 steps visits 25 timesteps: one per bucket of a 25-entry scale table)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale while sampling (1 = none; needs a null class)."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at noise levels in [low, high] (1: pure noise), e.g. [0.0, 0.7]; None: every step."""
+    shift: float = 1.0
+    """Time shift of the flow samplers' σ grid (σ ↦ s·σ / (1 + (s − 1)·σ); SD3 uses 3.0); 1: uniform."""
 
     def __post_init__(self) -> None:
         _positive("num_train_timesteps", self.num_train_timesteps)
@@ -56,9 +63,36 @@ class Diffusion:
             raise ValueError(f"sampler={self.sampler!r} is not supported; choose one of {list(SCHEDULERS)}.")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be >= 0 (1 = no guidance).")
+        interval = self.guidance_interval
+        if interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(interval))
+            if not (len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1):
+                raise ValueError(f"guidance_interval={list(interval)} must be [low, high] noise levels with 0 <= "
+                                 "low <= high <= 1 (1: pure noise), e.g. [0.0, 0.7]; or null to guide every step.")
+        if not self.shift > 0:
+            raise ValueError(f"shift={self.shift!r} must be > 0 (1 keeps the flow samplers' uniform grid).")
+
+    @property
+    def flow(self) -> bool:
+        """Whether the sampler steps a flow path (flow_euler, rf_euler) rather than a diffusion one."""
+        return self.sampler in FLOW_SAMPLERS
+
+    def check_call(self, call) -> None:
+        """Raise unless the sampler steps the path the model's call declares (a hqdm.call.CallSpec).
+
+        Raises:
+            ValueError: a flow model with a diffusion sampler, or the reverse.
+        """
+        if (call.path == "flow") != self.flow:
+            wanted = "flow_euler or rf_euler" if call.path == "flow" else "ddim, ddpm, dpm or euler"
+            raise ValueError(f"diffusion.sampler={self.sampler!r} steps a {'flow' if self.flow else 'diffusion'} "
+                             f"path but the model's call declares path={call.path!r}; set diffusion.sampler to "
+                             f"{wanted}.")
 
     def _kwargs(self, cls: type) -> dict:
         kw = {"beta_start": self.beta_start, "beta_end": self.beta_end, "clip_sample": self.clip_sample}
+        if self.shift != 1.0:
+            kw["shift"] = self.shift
         params = inspect.signature(cls.__init__).parameters
         return {k: v for k, v in kw.items() if k in params}
 
