@@ -1,20 +1,27 @@
-"""Fidelity against the teacher: prediction SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM."""
+"""Fidelity against the teacher: prediction SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM; and
+the training of the shipped digits classifier (its model and the distribution metrics live in `hqdm.evaluate`)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from hqdm.adapters import Adapter
+from hqdm.evaluate import (
+    CLASSIFIER_DIR,
+    CLASSIFIER_RESOLUTION,
+    DigitsClassifier,
+    accuracy,
+    image_fidelity,  # noqa: F401  (re-exported: defined once, in hqdm.evaluate)
+)
 from hqdm.sampling import sample
 from hqdm.timesteps import timestep_buckets
-
-IMAGE_RANGE = 2.0  # pixels live in [-1, 1]
 
 
 def bucket_bounds(buckets: int, num_train_timesteps: int) -> list[tuple[int, int]]:
@@ -112,17 +119,6 @@ def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
     return vae.decode(latents / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
 
 
-def image_fidelity(pred: Tensor, ref: Tensor) -> dict[str, float]:
-    """PSNR (dB) and SSIM of final samples in [-1, 1] against the teacher's (torchmetrics functional API)."""
-    pred, ref = pred.float().clamp(-1, 1), ref.float().clamp(-1, 1)
-    side = min(ref.shape[-2:])
-    kernel = min(11, side if side % 2 else side - 1)  # SSIM's Gaussian window: odd, no larger than the image
-    return {
-        "psnr_db": float(peak_signal_noise_ratio(pred, ref, data_range=IMAGE_RANGE)),
-        "ssim": float(structural_similarity_index_measure(pred, ref, data_range=IMAGE_RANGE, kernel_size=kernel)),
-    }
-
-
 def log_image(logger, key: str, path: Path, step: int) -> None:
     """Send a saved PNG to loggers that take images (W&B, TensorBoard, ...); the CSV logger keeps the file only."""
     if logger is None:
@@ -134,3 +130,57 @@ def log_image(logger, key: str, path: Path, step: int) -> None:
         from PIL import Image
 
         logger.experiment.add_image(key, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+
+# ---- the shipped digits classifier (hqdm/assets/digits_classifier) ----------------------------------------------
+def _augment(x: Tensor, g: torch.Generator) -> Tensor:
+    """Random shifts of up to 1 pixel, contrast in [0.8, 1.2] and Gaussian noise (σ 0.1): generated digits are
+    neither centred nor clean like the scanned ones."""
+    b = x.shape[0]
+    pad = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2,), generator=g).tolist()
+    x = pad[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+    contrast = 0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=g)
+    return ((x + 1) * contrast - 1 + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def train_digits_classifier(out_dir: str | Path = CLASSIFIER_DIR, steps: int = 600, batch_size: int = 128,
+                            lr: float = 3e-3, seed: int = 0, val_fraction: float = 0.1) -> dict:
+    """Train `DigitsClassifier` on the training split of the digits default and write `model.safetensors`.
+
+    The split is `DigitsDataModule`'s (`split_indices(1797, val_fraction, seed)`): the held-out digits are the ones
+    the digits teachers never saw. Writes `model.safetensors` and `metrics.json` (held-out accuracy) in `out_dir`.
+
+    Returns:
+        {"val_accuracy": ..., "train_accuracy": ..., "steps": ..., ...}
+    """
+    from safetensors.torch import save_file
+
+    from hqdm.data.base import split_indices
+    from hqdm.data.digits import load_digits_tensors
+
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}: use steps >= 1, batch_size >= 1, lr > 0.")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = load_digits_tensors(CLASSIFIER_RESOLUTION)
+    train, val = (torch.tensor(i) for i in split_indices(len(y), val_fraction, seed))
+    model = DigitsClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for _ in range(steps):
+        idx = train[torch.randint(0, len(train), (batch_size,), generator=g)]
+        loss = F.cross_entropy(model(_augment(x[idx], g)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    result = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "val_fraction": val_fraction,
+              "train_accuracy": accuracy(model, x[train], y[train]), "val_accuracy": accuracy(model, x[val], y[val]),
+              "val_count": len(val)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

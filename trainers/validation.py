@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hqdm.adapters import Adapter
+from hqdm.evaluate import image_fidelity
 from hqdm.sampling import save_grid
 from hqdm.trainers.evaluation import (
     BucketSQNR,
     decode_latents,
     draw,
     grid_labels,
-    image_fidelity,
     load_vae,
 )
 from hqdm.trainers.inputs import DiffusionInputs
