@@ -96,9 +96,11 @@ def draw(model: nn.Module, adapter: Adapter, scheduler, labels: Tensor, shape, n
     """Samples with a fixed seed (noise drawn on the CPU, so the teacher and the student start from the same x_T)."""
     was_training = model.training
     model.eval()
+    call = adapter.call  # index time on a diffusion path: the scheduler steps diffusion.prediction_type as is
+    call = None if call.timesteps == "index" and call.path == "diffusion" else call
     try:
         return sample(denoiser(model, adapter), scheduler, labels, shape, num_steps, guidance_scale, null_class,
-                      generator=torch.Generator().manual_seed(seed), progress=progress)
+                      generator=torch.Generator().manual_seed(seed), progress=progress, call=call)
     finally:
         model.train(was_training)
 
