@@ -46,8 +46,9 @@ class TrajectorySampler(Protocol):
         """JSON-serializable facts the rows depend on besides the counts and the seed (teacher, schedule, ...)."""
 
     def rows(self, num_samples: int, batch_size: int, seed: int, device: torch.device | None,
-             progress: bool) -> Iterator[dict[str, Tensor]]:
-        """Batches of rows ``{x_t, t, y, target}`` on the CPU, the same for the same arguments."""
+             progress: bool, prompts=None) -> Iterator[dict[str, Tensor]]:
+        """Batches of rows ``{x_t, t, y, target}`` on the CPU, the same for the same arguments; with `prompts`
+        (``hqdm.data.text.PromptEmbeds``, passed only when the module has them) rows add ``context`` / ``pooled``."""
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -91,6 +92,9 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         cache_dir: the cache folder; None: ``<run root>/trajectories/<recipe hash>`` (see the module docstring).
         num_workers: DataLoader worker processes.
         progress: show a progress bar while sampling.
+        prompt_embeds: text-conditioned teachers: a safetensors file of cached prompt embeddings
+            (``hqdm.data.text``: context (N, L, D), optional pooled, null_context / null_pooled for guidance); each
+            trajectory draws one prompt, rows keep its embeddings. Part of the recipe (by the file's SHA-256).
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        prompt_embeds: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
         check_positive("num_samples", num_samples)
@@ -110,6 +115,8 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.num_samples, self.generate_batch_size = num_samples, generate_batch_size
         self.cache_dir, self.progress = cache_dir, progress
+        self.prompt_embeds = prompt_embeds
+        self._prompts = None
         self.sampler: TrajectorySampler | None = None
         self.root_dir: str | None = None
         self.num_classes: int | None = None
@@ -124,6 +131,8 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         """Everything the rows depend on, as read back from a cache's meta (JSON types)."""
         raw = {**self._sampler().recipe(), "num_samples": self.num_samples,
                "generate_batch_size": self.generate_batch_size, "seed": self.seed}
+        if self.prompt_embeds is not None:
+            raw["prompt_embeds"] = self.prompts().digest
         return json.loads(json.dumps(raw))
 
     def cache_path(self) -> str:
@@ -147,7 +156,8 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         sampler = self._sampler()
         rank_zero_info(f"hqdm: sampling {self.num_samples} teacher trajectories -> {path}")
         device = self.trainer.strategy.root_device if self.trainer is not None else None
-        rows = sampler.rows(self.num_samples, self.generate_batch_size, self.seed, device, self.progress)
+        kwargs = {} if self.prompt_embeds is None else {"prompts": self.prompts()}
+        rows = sampler.rows(self.num_samples, self.generate_batch_size, self.seed, device, self.progress, **kwargs)
         write_trajectory_cache(path, rows, {"num_classes": sampler.num_labels, "recipe": recipe})
 
     def setup(self, stage: str | None = None) -> None:
@@ -163,6 +173,14 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         check_recipe(path, self.recipe())
         self.meta, self.train_set, self.val_set = open_trajectories(path, self.val_fraction, self.seed)
         self.num_classes = self.meta["num_classes"]
+
+    def prompts(self):
+        """The cached prompt embeddings (``hqdm.data.text.PromptEmbeds``), read once."""
+        if self._prompts is None:
+            from hqdm.data.text import load_prompt_embeds
+
+            self._prompts = load_prompt_embeds(self.prompt_embeds)[0]
+        return self._prompts
 
     def _sampler(self) -> TrajectorySampler:
         if self.sampler is not None:

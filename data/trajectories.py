@@ -2,7 +2,9 @@
 
 ``TeacherTrajectoryDataModule`` (``hqdm.data.teacher``) samples the teacher once and hands every step to
 ``write_trajectory_cache``; ``TrajectoryDataModule`` replays any such cache (or one written by your own code) as
-batches ``{"x_t": (B, C, H, W) float32, "t": (B,) int64, "y": (B,) int64, "target": (B, C', H, W) float32}``.
+batches ``{"x_t": (B, C, H, W) float32, "t": (B,) int64, "y": (B,) int64, "target": (B, C', H, W) float32}``;
+continuous-time teachers store ``t`` as float32, and text-conditioned ones add ``context`` (B, L, D) and ``pooled``
+(B, D) float32, the prompt embeddings each row was sampled with.
 Caches up to ``IN_MEMORY_BYTES`` are read into memory once (a batch is then a few tensor indexings); larger ones
 stay memory-mapped.
 """
@@ -22,6 +24,8 @@ from hqdm.data.cache import is_cache, load_cache, rechunk, write_cache
 FORMAT = "hqdm-trajectories"
 VERSION = 1
 KEYS = ("x_t", "t", "y", "target")
+OPTIONAL_KEYS = ("context", "pooled")
+"""Text conditioning of a row: prompt embeddings (L, D) and pooled embeddings (D,)."""
 IN_MEMORY_BYTES = 2**30
 """Caches up to this size are read into memory at setup: per-row Arrow reads cost ~3 ms, a batch of 64 more than
 a digits training step; bigger caches are served memory-mapped."""
@@ -47,10 +51,32 @@ def _integers(name: str, value, n: int) -> Tensor:
     return v
 
 
+def _times(value, n: int) -> Tensor:
+    """Timesteps as int64 (index time), or float32 when given as floating point (continuous time)."""
+    v = torch.as_tensor(value).detach().to("cpu")
+    if not v.is_floating_point():
+        return _integers("t", v, n)
+    v = v.reshape(-1).float()
+    v = v.expand(n) if v.numel() == 1 else v
+    if v.numel() != n or not torch.isfinite(v).all():
+        raise ValueError(f"t has {v.numel()} values for a batch of {n} rows (finite ones needed); give one per row.")
+    return v
+
+
+def _embeddings(name: str, value, n: int, rank: int) -> Tensor:
+    v = torch.as_tensor(value).detach().to("cpu", torch.float32)
+    v = v.unsqueeze(0) if v.ndim == rank else v
+    if v.ndim != rank + 1 or len(v) != n:
+        per_row = "(L, D)" if rank == 2 else "(D,)"
+        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected {per_row} per row, {n} rows.")
+    return v
+
+
 def row_arrays(row: Mapping) -> dict[str, np.ndarray]:
     """One row (``x_t`` (C, H, W)) or one batch (``x_t`` (B, C, H, W)) as numpy arrays with a batch axis."""
-    if set(row) != set(KEYS):
-        raise ValueError(f"trajectory rows need exactly the keys {list(KEYS)}; got {sorted(row)}.")
+    if not set(KEYS) <= set(row) <= set(KEYS + OPTIONAL_KEYS):
+        raise ValueError(f"trajectory rows need the keys {list(KEYS)}, optionally {list(OPTIONAL_KEYS)}; got "
+                         f"{sorted(row)}.")
     batched = torch.as_tensor(row["x_t"]).ndim == 4
     x_t, target = _images("x_t", row["x_t"], batched), _images("target", row["target"], batched)
     if x_t.shape[-2] != x_t.shape[-1] or target.shape[0] != x_t.shape[0] or target.shape[-2:] != x_t.shape[-2:]:
@@ -59,7 +85,10 @@ def row_arrays(row: Mapping) -> dict[str, np.ndarray]:
             "spatial size."
         )
     n = len(x_t)
-    arrays = {"x_t": x_t, "t": _integers("t", row["t"], n), "y": _integers("y", row["y"], n), "target": target}
+    arrays = {"x_t": x_t, "t": _times(row["t"], n), "y": _integers("y", row["y"], n), "target": target}
+    for key, rank in (("context", 2), ("pooled", 1)):
+        if key in row:
+            arrays[key] = _embeddings(key, row[key], n, rank)
     return {key: v.numpy() for key, v in arrays.items()}
 
 
@@ -111,16 +140,18 @@ def open_trajectories(cache_dir: str, val_fraction: float, seed: int) -> tuple[d
             "point cache_dir at a folder written by write_trajectory_cache."
         )
     train, val = split_indices(len(table), val_fraction, seed)
+    present = [key for key in KEYS + OPTIONAL_KEYS if key in meta["shapes"]]
     if _row_bytes(meta) * len(table) > IN_MEMORY_BYTES:
-        keys = {key: key for key in KEYS}
+        keys = {key: key for key in present}
         return meta, ArrowRows(table, train, keys), ArrowRows(table, val, keys)
     columns = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in table.with_format("numpy")[:].items()}
-    return meta, *(TensorRows(**{key: columns[key][rows] for key in KEYS}) for rows in (train, val))
+    return meta, *(TensorRows(**{key: columns[key][rows] for key in present}) for rows in (train, val))
 
 
 def _row_bytes(meta: dict) -> int:
     shapes = meta["shapes"]
-    return 4 * (int(np.prod(shapes["x_t"])) + int(np.prod(shapes["target"]))) + 16  # float32 images, int64 t and y
+    floats = sum(int(np.prod(shapes[k])) for k in ("x_t", "target", *OPTIONAL_KEYS) if k in shapes)
+    return 4 * floats + 16  # float32 images and embeddings, int64 t and y
 
 
 class TrajectoryDataModule(SplitDataModule):

@@ -37,8 +37,9 @@ class DiffusionInputs:
         label_dropout: share of labels replaced by the null class, per step, in [0, 1).
         target: compute the diffusion target of real data (FP training); distillation takes the teacher's instead.
         call: the model's call declaration: its time convention, path and (when `declared`) prediction.
-        declared: the call was declared for this run, so its prediction is the FP target; an undeclared call of
-            index time on a diffusion path (the built-in DiT / UNet families) regresses `diffusion.prediction_type`.
+        declared: the call was declared for this run: on a diffusion path with index time its prediction must be
+            `diffusion.prediction_type` (what that path regresses and the sampler steps); other calls regress their
+            own prediction.
     """
 
     def __init__(self, diffusion: Diffusion, null_class: int | None, label_dropout: float, target: bool,
@@ -48,7 +49,12 @@ class DiffusionInputs:
         self.call = CallSpec() if call is None else call
         self.classic = self.call.timesteps == "index" and self.call.path == "diffusion"
         """Index time on a diffusion path: diffusers' DDPM noising, as every diffusers family trains."""
-        self.prediction = diffusion.prediction_type if self.classic and not declared else self.call.prediction
+        if declared and self.classic and self.call.prediction != diffusion.prediction_type:
+            raise ValueError(
+                f"call.prediction={self.call.prediction!r} but diffusion.prediction_type={diffusion.prediction_type!r}"
+                f": the diffusion sampler steps the model's own prediction; set diffusion.prediction_type: "
+                f"{self.call.prediction}.")
+        self.prediction = diffusion.prediction_type if self.classic else self.call.prediction
 
     def __call__(self, batch: dict, generator: torch.Generator | None = None, timesteps: Tensor | None = None,
                  dropout: bool = True) -> dict:

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hqdm.adapters import Adapter
-from hqdm.sampling import sample
-from hqdm.trainers.evaluation import denoiser
+from hqdm.sampling import denoiser_of, sample
 from hqdm.trainers.inputs import drop_labels
 from hqdm.trainers.options import Diffusion
 from hqdm.trainers.source import ModelSource
@@ -54,39 +53,63 @@ class TeacherSampler:
     def recipe(self) -> dict:
         """What the rows depend on besides the counts and the seed."""
         return {"source": self.source.to_dict(), "diffusion": self.diffusion.to_dict(),
-                "label_dropout": self.label_dropout}
+                "label_dropout": self.label_dropout, "call": self.adapter.call.to_dict()}
 
     @torch.no_grad()
     def rows(self, num_samples: int, batch_size: int, seed: int, device: torch.device | None = None,
-             progress: bool = False) -> Iterator[dict[str, Tensor]]:
+             progress: bool = False, prompts=None) -> Iterator[dict[str, Tensor]]:
         """Batches of rows (x_t (B, C, H, W), t (B,), y (B,), target (B, C, H, W)), on the CPU, in a seeded order.
+
+        The teacher samples with its call declaration: its own time (t float32 for continuous time), its
+        prediction converted for the sampler, the diffusion options' guidance interval and flow shift.
 
         Args:
             num_samples: teacher samples to draw.
             batch_size: samples drawn in parallel.
-            seed: seed of the labels, the label dropout and the noise (drawn on the CPU: the same on any device).
+            seed: seed of the labels, the prompts, the dropout and the noise (drawn on the CPU: the same on any
+                device).
             device: where the teacher samples (moved there); None: where it is.
             progress: a tqdm bar over the teacher's denoiser calls.
+            prompts: cached prompt embeddings (``hqdm.data.text.PromptEmbeds``) of a text-conditioned teacher:
+                each sample draws one; with `label_dropout` and the file's null prompt, that share samples
+                unconditionally. Rows then hold ``context`` (and ``pooled``) too.
         """
         device = torch.device(device) if device is not None else next(self.teacher.parameters()).device
         self.teacher.to(device)
         generator = torch.Generator().manual_seed(seed)
-        shape, eps_fn, d = self.adapter.input_shape(self.teacher), denoiser(self.teacher, self.adapter), self.diffusion
+        shape, d, call = self.adapter.input_shape(self.teacher), self.diffusion, self.adapter.call
+        predict = denoiser_of(self.teacher, self.adapter)
         bar = tqdm(total=math.ceil(num_samples / batch_size) * d.num_steps, disable=not progress,
                    desc="teacher trajectories", unit="call")
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             labels = torch.randint(0, max(self.num_classes, 1), (n,), generator=generator)
             labels = drop_labels(labels, self.label_dropout, self.null_class, generator)
+            cond, null_cond = self._prompts(prompts, n, generator)
             rows: list[dict[str, Tensor]] = []
 
-            def record(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-                eps = eps_fn(x, t, y)
-                rows.append({"x_t": x.cpu(), "t": t.cpu(), "y": y.cpu(), "target": eps.float().cpu()})
+            def record(x: Tensor, t: Tensor, y: Tensor, **c: Tensor) -> Tensor:
+                pred = predict(x, t, y, **c)
+                row = {"x_t": x.cpu(), "t": t.cpu(), "y": y.cpu(), "target": pred.float().cpu()}
+                rows.append({**row, **{k: v.float().cpu() for k, v in c.items()}})
                 bar.update()
-                return eps
+                return pred
 
             sample(record, d.sampling_scheduler(), labels.to(device), shape, d.num_steps, d.guidance_scale,
-                   self.null_class, generator=generator, device=device)
+                   self.null_class, generator=generator, device=device, call=call,
+                   cond={k: v.to(device) for k, v in cond.items()},
+                   null_cond=None if null_cond is None else {k: v.to(device) for k, v in null_cond.items()},
+                   guidance_interval=d.guidance_interval)
             yield from rows
         bar.close()
+
+    def _prompts(self, prompts, n: int, generator: torch.Generator) -> tuple[dict, dict | None]:
+        """(cond, null_cond) of n samples: drawn prompts, the null prompt at `label_dropout` where the file has one."""
+        if prompts is None:
+            return {}, None
+        index = torch.randint(0, len(prompts), (n,), generator=generator)
+        cond, null = prompts.cond(index), prompts.null_cond(n)
+        if null is not None and self.label_dropout > 0:
+            drop = torch.rand(n, generator=generator) < self.label_dropout
+            cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
+        return cond, null
