@@ -23,7 +23,7 @@ TRAINER_DEFAULTS = {
 }
 """Metrics go to runs/<name>/version_N/metrics.csv beside the checkpoints, sample grids and the run's config.yaml."""
 
-PLAIN_COMMANDS = ("export", "sample", "report")
+PLAIN_COMMANDS = ("export", "sample", "report", "evaluate")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 DESCRIPTION = "hqdm: quantization-aware training of low-bit diffusion models (HQ-DM, HadaNorm)."
@@ -35,6 +35,7 @@ COMMANDS = {
     "export": "trained student -> integer model folder (config.json, hqdm_quant.json, weights, README.md card)",
     "sample": "PNG grid (a row per class) from an export, a checkpoint or a diffusers folder",
     "report": "per-layer SQNR of the student against its teacher: a table and a bar plot",
+    "evaluate": "FID, KID, IS, precision/recall, class agreement, PSNR/SSIM of samples, the FP model beside (JSON)",
 }
 """One line per subcommand for `hqdm --help`; fit / validate / test / predict are LightningCLI's, the rest plain."""
 

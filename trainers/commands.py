@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hqdm.trainers.evaluation import evaluate
 from hqdm.trainers.options import Diffusion, Sampler
 
 if TYPE_CHECKING:  # Lightning and the module are imported when a command runs, not for its --help
@@ -277,7 +278,7 @@ def report(ckpt_path: str | None = None, config: str | None = None, batches: int
     return plot
 
 
-COMMANDS = {"export": export, "sample": sample, "report": report}
+COMMANDS = {"export": export, "sample": sample, "report": report, "evaluate": evaluate}
 
 
 def run_command(name: str, args: list[str], debug: bool = False) -> None:
