@@ -8,7 +8,8 @@ the prologue sums the ±1 Hadamard in float32 and scales by 1/√n once, where `
 H/√n, so an activation that lands within float32 rounding of a rounding boundary can take the neighbouring
 integer (one step, on a tiny fraction of entries); the epilogue is float32. A layer takes this path on CUDA when
 its GEMM is one int8 digit without weight zero points or weight groups and its rotation is none or a
-block-diagonal Hadamard of order 16–128; everything else keeps the reference path.
+block-diagonal Hadamard of order 16–128; everything else keeps the reference path. Both kernels are called through
+their torch custom ops (`hqdm.kernels.ops`), so `torch.compile` of an integer model keeps one graph around them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _sample_bias(layer, mu: Tensor | None, b: int) -> Tensor | None:
 
 def _gemm(layer, q: Tensor, s: Tensor, z: Tensor | None, mu: Tensor | None, b: int, rows: int,
           dtype: torch.dtype) -> Tensor:
-    from hqdm.kernels.int_gemm import int8_gemm
+    from hqdm.kernels.ops import int8_gemm
 
     bias = None if layer.bias is None else layer.bias.float()
     return int8_gemm(q, layer.w_ints[0], a_scale=s, w_scale=layer.k_w_scale, a_zero=z,
@@ -65,7 +66,7 @@ def _gemm(layer, q: Tensor, s: Tensor, z: Tensor | None, mu: Tensor | None, b: i
 
 
 def _quantize(layer, rows2d: Tensor, mu: Tensor | None, b: int, rows: int):
-    from hqdm.kernels.act_quant import quantize_act
+    from hqdm.kernels.ops import quantize_act
 
     scale, zero = _act_qparams(layer, b, rows2d.device)
     return quantize_act(rows2d, mu=mu, sigma=layer.sigma, hadamard_order=None if layer.hadamard is None

@@ -75,3 +75,50 @@ def test_layers_the_kernels_cannot_run_keep_the_reference_path():
     assert two_digits.parts == 2 and not two_digits.fused
     assert not grouped.fused
     assert not two_digits.takes_kernels(torch.zeros(1, 1, 8))
+
+
+
+def test_compiled_integer_dit_on_the_kernels_equals_eager(tmp_path):
+    """The kernels are custom ops (hqdm.kernels.ops), opaque to dynamo: a load_int DiT with the kernel path forced
+    on compiles as one graph (fullgraph=True raises on any break; aot_eager runs the ops' fake implementations)
+    and returns eager's output. (tests/test_compile.py holds the reference path's graph count.)"""
+    from diffusers import DiTTransformer2DModel
+
+    from hqdm.adapters import get_adapter
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=1, out_channels=1,
+                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(1, 1, 8, 8, generator=g), "t": torch.tensor([321]), "y": torch.tensor([3])}
+    student, _ = hqdm.prepare(model, hqdm.QuantConfig(w_bits=4, a_bits=4, timestep_buckets=4))
+    hqdm.calibrate(student, [batch], progress=False)
+    hqdm.export(student, tmp_path / "int")
+    int_model = hqdm.load_int(tmp_path / "int")
+    layers = [m for m in int_model.modules() if hasattr(m, "use_kernels")]
+    assert sum(m.fused for m in layers) >= len(layers) // 2
+    for m in layers:
+        m.use_kernels = True
+    adapter = get_adapter(int_model)
+
+    def run(b):
+        return adapter.predict(int_model, b["x"], b["t"], b["y"])
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(run, backend="aot_eager", fullgraph=True)(batch)
+        assert torch.equal(compiled, run(batch))
+
+
+@pytest.mark.parametrize("kind,bits,knobs,extra", [CASES[2], CASES[5], CASES[7], CASES[8]], ids=lambda v: str(v))
+def test_compiled_fused_layer_equals_eager(kind, bits, knobs, extra):
+    """Each fused layer kind (dynamic centering and σ, asymmetric activations, Conv2d through im2col) compiles as
+    one graph around the custom ops and returns the eager kernels' output."""
+    _, int_layer = _pair(kind, bits, knobs, dict(extra))
+    int_layer.use_kernels = True
+    batch = _batch(kind, 3)
+    x, t = batch["x"][:2].to(DEVICE), batch["t"][:2].to(DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad(), hqdm.use_timesteps(int_layer, t):
+        compiled = torch.compile(int_layer, backend="aot_eager", fullgraph=True)(x)
+        assert torch.equal(compiled, int_layer(x))

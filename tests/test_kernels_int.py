@@ -168,6 +168,30 @@ def test_importing_hqdm_kernels_imports_no_triton():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+def test_custom_ops_pass_opcheck_and_equal_the_kernels():
+    """torch.ops.hqdm.int8_gemm / quantize_act (what the compiled integer model calls): schema, fake tensors and
+    autograd registration checked by torch.library.opcheck, results equal to the public functions'."""
+    from hqdm.kernels import ops
+
+    m, k, n = 20, 64, 24
+    a, w = _int8((m, k), 12), _int8((n, k), 13)
+    kw = _epilogue_inputs(m, n, k, 14, True, True, True)
+    kw["w_colsum"] = w.sum(1, dtype=torch.int32)
+    gemm_args = (a, w, kw["a_scale"], kw["w_scale"], kw["a_zero"], kw["w_colsum"], kw["bias"], kw["sample_bias"],
+                 kw["rows_per_sample"], torch.float32)
+    torch.library.opcheck(torch.ops.hqdm.int8_gemm.default, gemm_args)
+    assert torch.equal(ops.int8_gemm(a, w, out_dtype=torch.float32, **kw),
+                       int8_gemm(a, w, out_dtype=torch.float32, **kw))
+    assert torch.equal(ops.int8_gemm(a, w), int8_gemm(a, w))
+    for name in ("h32_signs", "table_asym_sample_mu_sigma_h64"):
+        x, akw = _act_case(name, 16, 64, False, 15)
+        args = (x, akw.get("mu"), akw.get("sigma"), akw.get("hadamard_order"), akw.get("signs"), akw.get("scale"),
+                akw.get("zero"), akw.get("rows_per_sample"), -128, 127, akw.get("symmetric", True))
+        torch.library.opcheck(torch.ops.hqdm.quantize_act.default, args)
+        for got, want in zip(ops.quantize_act(x, **akw), quantize_act(x, **akw), strict=True):
+            assert (got is None and want is None) or torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------- activation quantizer
 def _signs(k: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, 2, (k,), generator=_gen(seed)) * 2 - 1).float().to(DEVICE)

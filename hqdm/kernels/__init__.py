@@ -3,7 +3,9 @@
     quantize_act   x bf16 (M, K) ─(− μ)─(/ σ)─(· R)─ round ─▶ a int8 (M, K), s_a (M,), z_a (M,)
     int8_gemm      a int8 (M, K) · w int8 (N, K)ᵀ ─▶ int32, or s_a·s_w·(acc − z_a·Σ_k w) + bias + μ·W_cᵀ as bf16
 
-Each kernel module keeps its plain-torch reference beside it (`int8_gemm_reference`, `quantize_act_reference`).
+Each kernel module keeps its plain-torch reference beside it (`int8_gemm_reference`, `quantize_act_reference`);
+`hqdm.kernels.ops` registers both kernels as torch custom ops (`torch.ops.hqdm.*`), which the integer layers call
+so that `torch.compile` treats them as opaque.
 """
 
 from __future__ import annotations
