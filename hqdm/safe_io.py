@@ -9,8 +9,9 @@ and sealed manifests.
     manifests       seal_manifest / verify_manifest: sha256 over the canonical JSON, so edited numbers are refused
 
 An *export* (what `replace_dir` may replace) is a real folder whose entries are all regular files named
-config.json, scheduler_config.json, hqdm_quant.json, *.safetensors or *.safetensors.index.json, and which is
-either an hqdm integer export (hqdm_quant.json is JSON with format "hqdm-int") or a diffusers model folder
+config.json, scheduler_config.json, hqdm_quant.json, README.md (the model card), *.safetensors or
+*.safetensors.index.json, and which is either an hqdm integer export (hqdm_quant.json is JSON with format
+"hqdm-int") or a diffusers model folder
 (config.json is JSON with `_class_name`, beside at least one *.safetensors). Anything else a user put there
 (a photo, a subfolder, a symlink) makes the folder not an export. An empty folder holds nothing to lose and is
 always replaced.
@@ -44,7 +45,8 @@ EXPORT_FORMAT = "hqdm-int"
 """The `format` of an hqdm integer-export manifest (hqdm.runtime.FORMAT)."""
 MANIFEST_FILE = "hqdm_quant.json"
 """The manifest of an hqdm integer export (hqdm.runtime.MANIFEST_FILE)."""
-EXPORT_FILES = ("config.json", "scheduler_config.json", MANIFEST_FILE, "*.safetensors", "*.safetensors.index.json")
+EXPORT_FILES = ("config.json", "scheduler_config.json", MANIFEST_FILE, "*.safetensors", "*.safetensors.index.json",
+                "README.md")
 """Names an export folder may hold; any other entry makes a folder a user folder that is never replaced."""
 DIGEST_KEY = "manifest_sha256"
 """Manifest field holding the sha256 of the rest of the manifest (its canonical JSON)."""
