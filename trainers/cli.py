@@ -126,6 +126,10 @@ def main(args: list[str] | None = None) -> None:
     command = argv[0] if not argv[0].startswith("-") else "hqdm"
     silence_known_notices()
     try:
+        if os.environ.get("HQDM_PLUGINS"):  # modules that register the user's model classes and adapters
+            from hqdm.adapters import load_plugins
+
+            load_plugins()
         if argv[0] in PLAIN_COMMANDS:
             from hqdm.trainers.commands import run_command
 
