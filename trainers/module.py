@@ -42,7 +42,7 @@ from hqdm.trainers.losses import (
     guided_prediction,
     resolve_feature_modules,
 )
-from hqdm.trainers.optim import OptimizerName, Schedule, build_optimizer, lr_multiplier, param_groups
+from hqdm.trainers.optim import OptimizerName, Schedule, build_optimizer, lr_schedule, param_groups
 from hqdm.trainers.options import Diffusion, Evaluation, Loss
 from hqdm.trainers.source import ModelSource
 from hqdm.trainers.trajectories import TeacherSampler
@@ -427,6 +427,5 @@ class DistillModule(LightningModule):
         total = self.trainer.estimated_stepping_batches if h.lr_schedule == "cosine" else 0
         if total == float("inf"):
             raise ValueError("lr_schedule='cosine' needs a finite run: set trainer.max_steps or trainer.max_epochs.")
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, h.warmup_steps, h.lr_schedule, int(total)))
+        schedule = lr_schedule(optimizer, h.lr_schedule, h.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -62,11 +61,10 @@ def build_optimizer(name: OptimizerName, groups: list[dict], betas: tuple[float,
     raise ValueError(f"optimizer={name!r} is not supported; choose 'adamw' or 'adamw8bit'.")
 
 
-def lr_multiplier(step: int, warmup_steps: int, schedule: Schedule, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+def lr_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, warmup_steps: int, total_steps: int):
+    """diffusers' linear warmup over `warmup_steps`, then constant, or cosine decay to 0 at `total_steps`."""
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
     if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
