@@ -274,10 +274,16 @@ def fidelity_row(images: Tensor, fp_images: Tensor, requested: Tensor, metrics: 
     row = metrics(images)
     row.update(image_fidelity(images, fp_images))
     if classifier is not None:
-        labels, fp_labels = class_labels(classifier, images), class_labels(classifier, fp_images)
-        row["class_agreement"] = float((labels == fp_labels).float().mean())
-        row["label_accuracy"] = float((labels == requested.to(labels.device)).float().mean())
+        row.update(class_fidelity(images, fp_images, requested, classifier))
     return row
+
+
+def class_fidelity(images: Tensor, fp_images: Tensor, requested: Tensor, classifier: nn.Module) -> dict[str, float]:
+    """{class_agreement: share of samples labelled as the FP model's sample of the same seed, label_accuracy: share
+    labelled as the requested class}, labels by `classifier`."""
+    labels, fp_labels = class_labels(classifier, images), class_labels(classifier, fp_images.to(images.device))
+    return {"class_agreement": float((labels == fp_labels).float().mean()),
+            "label_accuracy": float((labels == requested.to(labels.device)).float().mean())}
 
 
 def relative_to_fp(row: dict[str, float], fp: dict[str, float]) -> dict[str, float]:

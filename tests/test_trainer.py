@@ -345,7 +345,8 @@ def test_evaluator_works_from_its_declared_inputs(tmp_path):
         want = 10 * math.log10(ref[rows].pow(2).sum() / (pred[rows] - ref[rows]).pow(2).sum())
         assert rows.sum() == 2 and abs(got[f"val/sqnr_db_t{lo}-{hi}"] - want) < 1e-9
     metrics = evaluator.sample_grid(student, teacher, tmp_path / "grid.png", "val")
-    assert set(metrics) == {"val/sample_psnr_db", "val/sample_ssim"} and (tmp_path / "grid.png").is_file()
+    assert set(metrics) == {"val/sample_psnr_db", "val/sample_ssim", "val/sample_class_agreement",
+                            "val/sample_label_accuracy"} and (tmp_path / "grid.png").is_file()  # 10-class digits
     assert evaluator.state_dict() == {}
 
 

@@ -1,4 +1,5 @@
-"""Evaluation of a student against its reference: SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM.
+"""Evaluation of a student against its reference: SQNR per timestep bucket, sample grids, final-sample PSNR / SSIM
+(and, for 10-class digits, class agreement with the teacher and label accuracy by the shipped digits classifier).
 
 `Evaluator` is built from what it needs (how to call the models, the schedule and sampler, the evaluation options,
 the classes, the input component) and is handed the models on every call: it holds no model, so it adds nothing
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hqdm.adapters import Adapter
-from hqdm.evaluate import image_fidelity
+from hqdm.evaluate import class_fidelity, image_fidelity, load_digits_classifier
 from hqdm.sampling import save_grid
 from hqdm.trainers.evaluation import (
     BucketSQNR,
@@ -101,8 +102,19 @@ class Evaluator(nn.Module):
             panels.insert(0, self._to_pixels(self._teacher_samples(teacher, args)))
             captions.insert(0, "teacher (FP)")
             metrics = {f"{stage}/sample_{k}": v for k, v in image_fidelity(panels[1], panels[0]).items()}
+            if self._labels_digits(panels[1]):  # the shipped digits classifier's labels: cheap on a grid
+                found = class_fidelity(panels[1], panels[0], labels, self._memo["classifier"].to(device))
+                metrics.update({f"{stage}/sample_{k}": v for k, v in found.items()})
         save_grid(panels, str(path), labels=captions)
         return metrics
+
+    def _labels_digits(self, images: Tensor) -> bool:
+        """Whether the grid is 10-class 1-channel digits: then the shipped classifier (loaded once) labels it."""
+        if images.shape[1] != 1 or self.num_classes != 10:
+            return False
+        if "classifier" not in self._memo:
+            self._memo["classifier"] = load_digits_classifier()
+        return True
 
     def _to_pixels(self, samples: Tensor) -> Tensor:
         """Images as they are; latents decoded by options.vae (loaded on first use, never checkpointed)."""
