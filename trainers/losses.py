@@ -50,19 +50,32 @@ def _first_tensor(out) -> Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-@contextmanager
-def capture_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Tensor]]:
-    """Record the output (first tensor) of each named module during the forward calls inside the block."""
-    outputs: dict[str, Tensor] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, _first_tensor(o)))
-        for n in names
-    ]
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
+class FeatureTap:
+    """Forward hooks on the named modules of `model` that record each one's output (first tensor) while capturing.
+
+    The hooks are registered once, at construction, and record only inside `capture()`: a compiled training step
+    traces the same hook objects every call, so features cost neither a graph break nor a recompile.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, Tensor] | None = None
+        for name in names:
+            model.get_submodule(name).register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args, output) -> None:
+            if self.outputs is not None:
+                self.outputs[name] = _first_tensor(output)
+        return record
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, Tensor]]:
+        """A fresh dict that the forward calls inside the block fill; the tap keeps no reference afterwards."""
+        self.outputs = outputs = {}
+        try:
+            yield outputs
+        finally:
+            self.outputs = None
 
 
 def feature_mse(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
