@@ -99,6 +99,98 @@ def qat_student(model: str, method: str, bits: str, steps: int, runs: Path, log)
     return module.student.eval()
 
 
+# W4A4 UNet error analysis: each group of layers in turn at 8 bits (weights and activations), the rest unchanged
+GROUPS = {
+    "time_emb_proj": ["*time_emb_proj"],
+    "conv_shortcut (skip 1x1)": ["*conv_shortcut"],
+    "down/up samplers": ["*downsamplers.*", "*upsamplers.*"],
+    "attention": ["*attentions.*"],
+    "down_blocks.0 (16x16 encoder)": ["down_blocks.0.*"],
+    "up_blocks.1 (16x16 decoder)": ["up_blocks.1.*"],
+}
+
+
+def group_rules(patterns: list[str], bits: int = 8) -> list:
+    return [hqdm.Rule(pattern=p, w_bits=bits, a_bits=bits) for p in patterns]
+
+
+@torch.no_grad()
+def bucket_sqnr(student, teacher, buckets: int = 10, per_bucket: int = 16, seed: int = 1) -> list[float]:
+    """Prediction SQNR (dB) against the teacher per timestep bucket of width 1000/buckets (forward-noised digits)."""
+    from diffusers import DDPMScheduler
+
+    from hqdm.adapters import get_adapter
+    from hqdm.data.digits import load_digits_tensors
+    from hqdm.metrics import sqnr_db
+
+    adapter, g = get_adapter(teacher), torch.Generator().manual_seed(seed)
+    shape = adapter.input_shape(teacher)
+    x0, y = load_digits_tensors(shape[-1])
+    out = []
+    for b in range(buckets):
+        t = torch.randint(b * 1000 // buckets, (b + 1) * 1000 // buckets, (per_bucket,), generator=g)
+        idx = torch.randint(0, len(y), (per_bucket,), generator=g)
+        x = DDPMScheduler().add_noise(x0[idx], torch.randn(per_bucket, *shape, generator=g), t)
+        out.append(float(sqnr_db(adapter.predict(student, x, t, y[idx]), adapter.predict(teacher, x, t, y[idx]))))
+    return out
+
+
+def analysis(model: str, method: str, bits: str, samples: int, args, fp: torch.Tensor, metrics, classifier,
+             out: Path, done: set, log) -> None:
+    """Per-layer and per-timestep SQNR of the PTQ student, then the same with each GROUPS entry at 8 bits (plus
+    dynamic per-token activations), with class agreement / PSNR on the first `samples` samples of the protocol."""
+    from hqdm.sampling import make_scheduler
+
+    teacher = build(model)
+    requested = ev.cycling_labels(samples, 10)
+    variants = {"baseline": ([], {}), **{k: (group_rules(v), {}) for k, v in GROUPS.items()},
+                "a_dynamic (per-token activations)": ([], {"a_dynamic": True})}
+    for name, (rules, extra) in variants.items():
+        key = f"{model}/analysis/{bits}/{method}/{name}/{samples}"
+        if key in done:
+            continue
+        start = time.perf_counter()
+        cfg = quant_config(method, bits, rules)
+        if extra:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **extra)
+        student, _ = hqdm.prepare(teacher, cfg)
+        cal = batches(teacher, 8, 32, seed=0, digits=True)
+        hqdm.calibrate(student, cal, progress=False)
+        student.eval()
+        row = dict(key=key, model=model, method=method, bits=bits, variant=name, samples=samples,
+                   bucket_sqnr_db=bucket_sqnr(student, teacher))
+        if name == "baseline":
+            report = hqdm.quant_report(student, teacher, cal[:2])
+            row["layers"] = {e.name: e.sqnr_db for e in report.layers}
+        images = ev.draw_samples(student, make_scheduler("ddim"), requested, args.steps, GUIDANCE[model], args.seed)
+        row.update(ev.fidelity_row(images, fp[:samples], requested, metrics, classifier))
+        row["s"] = time.perf_counter() - start
+        emit(out, done, row, log)
+
+
+COLUMNS = ("kid", "kid_x_fp", "fid", "is", "precision", "recall", "class_agreement", "label_accuracy", "psnr_db",
+           "ssim")
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown tables per model: the FP row first, then by bits, mode and method (rows that finished)."""
+    order = {m: i for i, m in enumerate(["fp", *METHODS])}
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows if "mode" in r):
+        mine = [r for r in rows if r.get("model") == model and "mode" in r]
+        mine.sort(key=lambda r: (r["mode"] != "fp", r["bits"], r["mode"], order[r["method"]]))
+        lines += [f"**{model}**", "", "| mode | bits | method | " + " | ".join(COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 3) + "|"]
+        for r in mine:
+            mode = f"QAT {r['qat_steps']}" if r["mode"] == "qat" else r["mode"].upper()
+            cells = [ev._fmt(r[c]) if c in r else "" for c in COLUMNS]
+            lines.append(f"| {mode} | {r['bits']} | {r['method']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["digits_unet", "digits_dit"])
@@ -111,7 +203,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default="runs/method_table.jsonl")
+    parser.add_argument("--analysis", action="store_true",
+                        help="error analysis of --methods[0] at --bits[0] instead of the table")
+    parser.add_argument("--analysis_samples", type=int, default=100)
+    parser.add_argument("--render", action="store_true", help="print the Markdown tables of --out and exit")
     args = parser.parse_args()
+    if args.render:
+        print(render([json.loads(line) for line in Path(args.out).read_text().splitlines()]))
+        return
 
     out = Path(args.out)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines()} if out.is_file() else set()
@@ -140,6 +239,10 @@ def main() -> None:
 
         start = time.perf_counter()
         cache = Path(args.runs) / f"method_table_fp_{model}_{args.samples}_{args.steps}_{args.seed}.safetensors"
+        if args.analysis:
+            analysis(model, args.methods[0], args.bits[0], args.analysis_samples, args,
+                     fp_samples(cache, lambda: draw(teacher)), metrics, classifier, out, done, log)
+            continue
         fp = fp_samples(cache, lambda: draw(teacher))
         fp_row = ev.fidelity_row(fp, fp, requested, metrics, classifier)
         emit(out, done, dict(key=f"{model}/fp", model=model, method="fp", mode="fp", bits="FP32",
