@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hqdm.config import QuantConfig
 from hqdm.trainers.guards import (
+    SAFE_ON_RESUME,
     FiniteGuard,
     NonFiniteError,
     ResumeError,
@@ -181,3 +184,38 @@ def test_fp_and_qat_checkpoints_cannot_swap_kinds():
         check_resume("x.ckpt", resume_changes(ckpt(None), *run({"w_bits": 4})), True, None)
     with pytest.raises(ResumeError, match=r"checkpoint of a QAT run and this run is an FP run"):
         check_resume("x.ckpt", resume_changes(ckpt({"w_bits": 4}), *run(None)), True, None)
+
+
+TRAJECTORIES = {"_class_path": "hqdm.data.TeacherTrajectoryDataModule", "num_samples": 256, "batch_size": 64,
+                "generate_batch_size": 128, "val_fraction": 0.1, "seed": 0, "cache_dir": None, "num_workers": 0,
+                "progress": True, "prompt_embeds": None}
+
+
+def test_a_data_free_run_may_move_its_cache_but_not_change_its_recipe():
+    """Data-free runs keep their options under data.init_args (TeacherTrajectoryDataModule), not model.*."""
+    saved = {**ckpt(), "datamodule_hyper_parameters": TRAJECTORIES}
+    options = run()[0]
+
+    def data(**change):
+        init = {k: v for k, v in TRAJECTORIES.items() if not k.startswith("_")}
+        return {"class_path": TRAJECTORIES["_class_path"], "init_args": {**init, **change}}
+
+    assert resume_changes(saved, options, data()) == []
+    moved = resume_changes(saved, options, data(cache_dir="/data/cache", progress=False))
+    assert {c.key for c in moved} == {"data.init_args.cache_dir", "data.init_args.progress"}
+    assert all(c.safe for c in moved)
+    check_resume("x.ckpt", moved, True, None)
+    for key, value in (("num_samples", 512), ("seed", 1), ("generate_batch_size", 64), ("val_fraction", 0.2)):
+        changes = resume_changes(saved, options, data(**{key: value}))
+        assert [c.key for c in changes] == [f"data.init_args.{key}"] and not changes[0].safe
+        with pytest.raises(ResumeError, match=f"data.init_args.{key}: checkpoint"):
+            check_resume("x.ckpt", changes, True, None)
+    assert not any(fnmatchcase("model.trajectories.cache_dir", p) for p in SAFE_ON_RESUME)
+
+
+@pytest.mark.parametrize("calibration_batches", [0, -1])
+def test_zero_calibration_batches_are_refused_before_any_work(calibration_batches):
+    from hqdm.trainers.module import DistillModule
+
+    with pytest.raises(ValueError, match=f"calibration_batches={calibration_batches} >= 1"):
+        DistillModule._check_args(QuantConfig(), Diffusion(), 0.1, 0, calibration_batches)

@@ -381,3 +381,58 @@ def test_edited_manifests_are_refused(tmp_path, edit):
         edit, "was modified after export")
     with pytest.raises(ValueError, match=match):
         safe_io.verify_manifest(m, tmp_path / "hqdm_quant.json")
+
+
+# ---- the loaders behind the commands ------------------------------------------------------------------------------
+def test_a_crafted_checkpoint_handed_to_sample_export_or_report_runs_nothing(tmp_path, marker):
+    """`hqdm sample --model X.ckpt`, `hqdm export --ckpt_path X` and `hqdm report` all read through load_run."""
+    from hqdm.trainers import commands
+
+    path = str(crafted(tmp_path, marker, "hparams"))
+    for load in (lambda: commands.load_sampler_model(path, None, "cpu"), lambda: commands.load_run(None, path)):
+        with pytest.raises(ValueError, match=r"asks to unpickle \['builtins.exec'\]"):
+            load()
+    assert not marker.exists()
+
+
+# ---- cheap checks before teacher sampling -------------------------------------------------------------------------
+class CountingSampler:
+    """A TrajectorySampler whose rows record whether any teacher sample was drawn."""
+
+    num_labels = 3
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+    def recipe(self) -> dict:
+        return {"teacher": "counting"}
+
+    def rows(self, num_samples, batch_size, seed, device, progress, prompts=None):
+        for _ in range(num_samples):
+            self.drawn += 1
+            yield {"x_t": torch.zeros(1, 4, 4), "t": 1, "y": 0, "target": torch.zeros(1, 4, 4)}
+
+
+def test_a_trajectory_cache_target_that_cannot_take_it_fails_before_the_teacher_samples(tmp_path):
+    from hqdm.data import TeacherTrajectoryDataModule
+
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "cat.jpg").write_bytes(b"jpeg")
+    sampler = CountingSampler()
+    data = TeacherTrajectoryDataModule(num_samples=4, batch_size=2, cache_dir=str(user), progress=False)
+    with pytest.raises(FileExistsError, match=r"cache_dir=.*photos' already exists and is not an empty folder"):
+        data.bind(sampler).prepare_data()
+    assert sampler.drawn == 0 and os.listdir(user) == ["cat.jpg"]
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(FileExistsError, match="is not an empty folder"):
+        TeacherTrajectoryDataModule(num_samples=4, cache_dir=str(file), progress=False).bind(sampler).prepare_data()
+    assert sampler.drawn == 0 and file.read_text() == "mine"
+    with pytest.raises(OSError):
+        TeacherTrajectoryDataModule(num_samples=4, cache_dir="/proc/hqdm_x/cache", progress=False).bind(
+            sampler).prepare_data()
+    assert sampler.drawn == 0
+    good = TeacherTrajectoryDataModule(num_samples=4, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    good.bind(sampler).prepare_data()
+    assert sampler.drawn == 4 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
