@@ -232,9 +232,9 @@ class QuantConfig:
     """Entries of each per-timestep activation-scale table."""
     num_train_timesteps: int = 1000
     """Timestep range the buckets divide (the noise scheduler's num_train_timesteps)."""
-    family: Family = "auto"
+    family: str = "auto"
     """Adapter of the model family: auto (detect from the class), dit, unet, unet_cond, sd3, flux, sana, pixart,
-    generic; a registered adapter is passed to prepare(adapter=...)."""
+    generic, or the name of an adapter registered with hqdm.register_adapter."""
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     """Per-layer overrides, applied after the family defaults, in order."""
 
@@ -243,7 +243,10 @@ class QuantConfig:
             _check_bits(name, getattr(self, name))
         _check_choice("rotation", self.rotation, ROTATIONS)
         _check_choice("center", self.center, CENTERS)
-        _check_choice("family", self.family, FAMILIES)
+        if self.family not in FAMILIES:
+            from hqdm.adapters import ADAPTERS
+
+            _check_choice("family", self.family, ("auto", *ADAPTERS))  # built-in, or registered with hqdm
         _check_choice("w_granularity", self.w_granularity, ("tensor", "channel", "group"))
         if self.block not in ("full", "auto") and (isinstance(self.block, bool) or not isinstance(self.block, int)
                                                    or self.block < 1):

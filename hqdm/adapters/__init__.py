@@ -78,6 +78,9 @@ def get_adapter(model: nn.Module, family: str | Adapter = "auto") -> Adapter:
     if family == "auto":
         prepared = model.__dict__.get(_PREPARED)
         return prepared if prepared is not None else ADAPTERS[_family_of(type(model))]
+    prepared = model.__dict__.get(_PREPARED)
+    if prepared is not None and prepared.name == family:  # by name: the one it was prepared with (its call)
+        return prepared
     if family not in ADAPTERS:
         raise ValueError(f"family={family!r} is unknown; choose 'auto' or one of {sorted(ADAPTERS)} (or register "
                          "your own with hqdm.adapters.register_adapter).")
@@ -95,6 +98,34 @@ def remember_adapter(model: nn.Module, adapter: Adapter) -> None:
     model.__dict__[_PREPARED] = adapter
 
 
+PLUGINS_ENV = "HQDM_PLUGINS"
+"""Comma-separated modules the `hqdm` command imports at start, so they can register their model classes and
+adapters (`register_adapter`) before a config or an export names them: the user's choice, never a file's."""
+
+
+def load_plugins(names: str | None = None) -> list[str]:
+    """Import the modules named in `names` (default: the HQDM_PLUGINS environment variable); returns their names.
+
+    Raises:
+        ValueError: a named module cannot be found (the message names the variable).
+    """
+    import importlib
+    import os
+
+    raw = os.environ.get(PLUGINS_ENV, "") if names is None else names
+    loaded = []
+    for name in (n.strip() for n in raw.split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"{PLUGINS_ENV}={raw!r}: module {name!r} cannot be imported ({err}); fix the name or "
+                             "PYTHONPATH.") from err
+        loaded.append(name)
+    return loaded
+
+
 def _family_of(cls: type) -> str:
     for klass in cls.__mro__:  # a registered class, or a subclass of one; diffusers classes by name
         for key in (klass, klass.__name__):
@@ -105,5 +136,5 @@ def _family_of(cls: type) -> str:
 
 _BUILT_IN = frozenset(ADAPTERS)
 
-__all__ = ["ADAPTERS", "Adapter", "CallSpec", "get_adapter", "register_adapter", "remember_adapter",
-           "resolve_adapter"]
+__all__ = ["ADAPTERS", "PLUGINS_ENV", "Adapter", "CallSpec", "get_adapter", "load_plugins", "register_adapter",
+           "remember_adapter", "resolve_adapter"]
