@@ -18,8 +18,8 @@ from hqdm.int_matmul import _int_mm_padded, int_mm, int_mm_reference
 from hqdm.layers import QuantLayer
 from hqdm.metrics import sqnr_db
 from hqdm.qlayer import fold_hadamard_int, gemm_weight, split_int8
-from hqdm.quant_primitives import dequantize, pack_int4, unpack_int4
-from hqdm.runtime import im2col, im2col_channels_last, int_layer
+from hqdm.quant_primitives import dequantize, pack_int4, quantize, unpack_int4
+from hqdm.runtime import combine_digits, digits_dtype, im2col, im2col_channels_last, int_layer, quantize_into_int8
 
 LAYER_SQNR_FLOOR_DB = 80.0
 """Integer layer vs its fake-quant twin on one input: the same integers on both paths, only float32 summation
@@ -102,6 +102,49 @@ def test_fold_refuses_groups_that_split_hadamard_blocks():
     scale = torch.rand(4, 4) + 0.5  # 4 groups of 16 < block 32
     with pytest.raises(ValueError, match="multiple of 32"):
         gemm_weight(torch.zeros(4, 64, dtype=torch.int8), scale, None, HadamardSpec(64, 32))
+
+
+
+@pytest.mark.parametrize("zero", [None, "int", "float"])
+def test_quantize_into_int8_is_quantize_bit_for_bit(zero):
+    """The runtime's in-place activation quantizer equals hqdm.quant_primitives.quantize: exact ties (half-even),
+    both clamps, per-sample scales, integer or float zero points."""
+    g = _gen(3)
+    h = torch.cat([torch.randn(4, 6, 32, generator=g) * 40, torch.arange(-8, 8).float().repeat(4, 6, 2) * 0.5], -1)
+    s = torch.rand(4, 1, 1, generator=g) * 0.3 + 0.05
+    s[0] = 0.5  # h / 0.5 hits exact ties x.5
+    z = {None: None, "int": torch.randint(-9, 9, (4, 1, 1), generator=g),
+         "float": torch.randint(-9, 9, (4, 1, 1), generator=g).float()}[zero]
+    q = quantize_into_int8(h, s, z, -128, 127)
+    assert q.dtype == torch.int8 and torch.equal(q, quantize(h, s, z, -128, 127))
+    assert q.min() == -128 and q.max() == 127
+    assert torch.equal(quantize_into_int8(h, s, z, -8, 7), quantize(h, s, z, -8, 7))
+
+
+@pytest.mark.parametrize("parts,k", [(2, 64), (2, 600), (3, 96)])
+def test_combine_digits_is_the_combined_integer_product(parts, k):
+    """Σ_p acc_p·256^p of the digit GEMMs equals the GEMM of the combined weight, in int32 where digits_dtype
+    proves it fits (K·128·128·Σ256^p < 2^31) and in int64 beyond."""
+    big = torch.randint(-127 * 256 ** (parts - 1), 127 * 256 ** (parts - 1), (10, k), generator=_gen(4))
+    digits = split_int8(big)
+    assert digits.shape[0] == parts
+    a = torch.randint(-128, 128, (7, k), dtype=torch.int8, generator=_gen(5))
+    acc = int_mm(a, digits.reshape(-1, k))  # (M, P·N)
+    dtype = digits_dtype(k, 8, parts)
+    assert dtype == (torch.int32 if k * 128 * 128 * sum(256**p for p in range(parts)) < 2**31 else torch.int64)
+    out = combine_digits(acc, parts, dtype)
+    assert out.dtype == dtype and torch.equal(out.long(), a.long() @ big.T)
+
+
+def test_two_digit_layer_dequantizes_the_exact_combined_sum_once():
+    """A W8 single-rotation layer (two int8 digits) returns s_a·s_w·(a·W_foldᵀ) + b with the integer sum exact and
+    rounded to float32 once, as a one-digit layer does."""
+    layer = _int_layer(_layer("linear", (8, 8), ("single", "none", False)))
+    assert layer.parts == 2 and layer.digits_dtype == torch.int32
+    a = torch.randint(-128, 128, (9, C), dtype=torch.int8, generator=_gen(6))
+    w = sum(layer.w_ints[0, p * N:(p + 1) * N].long() * 256**p for p in range(2))  # (N, K) the folded weight
+    want = (a.long() @ w.T).float() * layer.w_scale[:, 0]
+    assert torch.equal(layer.matmul(a, None), want)
 
 
 @pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 2), (2, 2), (1, 1)),
