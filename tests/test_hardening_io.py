@@ -436,3 +436,33 @@ def test_a_trajectory_cache_target_that_cannot_take_it_fails_before_the_teacher_
     good = TeacherTrajectoryDataModule(num_samples=4, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
     good.bind(sampler).prepare_data()
     assert sampler.drawn == 4 and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---- the Python API of export -------------------------------------------------------------------------------------
+@pytest.fixture
+def student(tiny_dit, batches):
+    import hqdm
+
+    student, _ = hqdm.prepare(tiny_dit, hqdm.QuantConfig(w_bits=8, a_bits=8, timestep_buckets=4))
+    hqdm.calibrate(student, batches[:1], progress=False)
+    return student
+
+
+def test_export_never_replaces_a_user_folder_and_refuses_non_finite_tensors(student, tmp_path):
+    from hqdm.export import export
+    from hqdm.prepare import quant_layers
+
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(FileExistsError, match="is not an hqdm or diffusers export.*nothing was changed"):
+        export(student, user, overwrite=True)
+    assert os.listdir(user) == ["cat.jpg"]
+    layers = tuple(quant_layers(student))
+    name, param = next((n, p) for n, p in student.named_parameters()
+                       if p.is_floating_point() and not n.startswith(layers))
+    with torch.no_grad():
+        param.view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=rf"export: .*{name.replace('.', '[.]')} \(0 NaN, 1 Inf"):
+        export(student, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written, no staging folder left
