@@ -5,6 +5,7 @@
                                 fold, accumulator bound, tensor names; sizes, sha256 and parity figures
              model.safetensors  weights as int8, or int4 packed two per byte, [N, K] with K contiguous; scales,
                                 zero points, activation tables, μ, σ, biases, W_c; every other model tensor
+             README.md          model card: source, recipe, bits per layer, size, parity, metrics, command
 
 Weights are stored at their own bit width in their own basis. rotation='single' folds Rᵀ into the weight
 exactly in integers, which widens its range by up to the Hadamard order n: the export computes that fold, checks
@@ -31,6 +32,7 @@ from hqdm.export_format import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, write_manif
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.layers import QuantConv2d, QuantLayer, layer_config_to_dict, set_quantizers_enabled
 from hqdm.metrics import SQNRSum
+from hqdm.model_card import write_card
 from hqdm.prepare import quant_layers
 from hqdm.runtime import load_int
 from hqdm.timesteps import timesteps_of, use_timesteps
@@ -86,8 +88,8 @@ class ExportSummary:
 
 
 def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, family: str = "auto",
-           overwrite: bool = False, float_dtype: torch.dtype | None = None) -> ExportSummary:
-    """Write the integer model of a prepared student: config.json, hqdm_quant.json, model.safetensors.
+           overwrite: bool = False, float_dtype: torch.dtype | None = None, card: dict | None = None) -> ExportSummary:
+    """Write the integer model of a prepared student: config.json, hqdm_quant.json, model.safetensors, README.md.
 
     Args:
         student: a diffusers model returned by `hqdm.prepare` (calibrated; LoRA is merged into the export).
@@ -98,6 +100,8 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         overwrite: replace an existing out_dir.
         float_dtype: store the model's other floating-point tensors (norms, embeddings, float layers) in this
             dtype, e.g. torch.bfloat16 to halve them; None keeps them bit-identical to the student's.
+        card: what the README.md model card says beyond the manifest: {"source", "recipe", "metrics", "command",
+            "name" (default: out_dir's name)}; `hqdm export` fills it from the run (see `hqdm.model_card.render`).
 
     Returns:
         ExportSummary (sizes against bf16, parity figures); `print` it for a table.
@@ -120,7 +124,7 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         tensors.update(layer_tensors)
     model_tensors = _model_tensors(student, layers, float_dtype)
     safe_io.check_finite({**tensors, **model_tensors}, "export")
-    manifest = _manifest(student, records, model_tensors, get_adapter(student, family).name)
+    manifest = _manifest(student, records, model_tensors, get_adapter(student, family))
     tmp = safe_io.staging_dir(out)
     try:
         _save_config(student, tmp)
@@ -129,6 +133,8 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         if calibration_batches is not None:
             manifest["parity"] = check_parity(student, tmp, calibration_batches, family)
             write_manifest(tmp, manifest)
+        bf16_bytes = _bf16_bytes(layers, model_tensors)
+        write_card(tmp, (card or {}).get("name", out.name), manifest, {"file": file_bytes, "bf16": bf16_bytes}, card)
         safe_io.replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +144,7 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         path=out, layers=len(records), file_bytes=file_bytes, weight_bytes=weight_bytes,
         qparam_bytes=sum(_nbytes(t) for t in tensors.values()) - weight_bytes,
         model_bytes=sum(_nbytes(t) for t in model_tensors.values()),
-        bf16_bytes=_bf16_bytes(layers, model_tensors), parity=manifest["parity"],
+        bf16_bytes=bf16_bytes, parity=manifest["parity"],
     )
 
 
@@ -235,26 +241,45 @@ def _module_record(layer: QuantLayer, conv: bool) -> dict:
             "kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "dilation": list(layer.dilation),
             "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
             "padding_mode": layer.padding_mode, "pad": list(layer.pad_amounts()),
-            "pad_mode": "constant" if layer.padding_mode == "zeros" else layer.padding_mode}
+            "pad_mode": "constant" if layer.padding_mode == "zeros" else layer.padding_mode,
+            # a transposed conv: this stride-1 conv reads its input with stride − 1 zeros inserted (pad: its padding)
+            **({"transpose_stride": list(layer.transpose_stride)} if hasattr(layer, "transpose_stride") else {})}
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def _check_model(student: nn.Module) -> None:
+def model_class_name(student: nn.Module) -> str:
+    """The name load_int rebuilds `student`'s class by: a diffusers model class's own name, or the name a class
+    registered with hqdm (`hqdm.register_adapter(..., classes=...)` / `safe_io.register_model_class`) goes by.
+
+    Raises:
+        ValueError: neither (load_int imports nothing a file names, so it could not rebuild the class).
+    """
     import diffusers
 
-    cls = type(student).__name__
-    if not isinstance(student, diffusers.ModelMixin) or getattr(diffusers, cls, None) is not type(student):
+    cls = type(student)
+    if isinstance(student, diffusers.ModelMixin) and getattr(diffusers, cls.__name__, None) is cls:
+        return cls.__name__
+    names = [name for name, klass in safe_io._REGISTERED.items() if klass is cls]
+    if not names:
         raise ValueError(
-            f"export writes a diffusers config.json that load_int rebuilds with diffusers.{cls}.from_config, but "
-            f"{cls} is not a diffusers model class. Export a prepared diffusers model (DiTTransformer2DModel, "
-            "UNet2DModel, UNet2DConditionModel, ...)."
+            f"{cls.__module__}.{cls.__qualname__} is neither a diffusers model class nor registered with hqdm, so "
+            "load_int could not rebuild it (it imports nothing a file names). Register it first: "
+            "hqdm.register_adapter(Adapter(name=..., call=CallSpec(...)), classes=[YourModel]) or "
+            "hqdm.safe_io.register_model_class(YourModel)."
         )
-    from hqdm.mha import QuantMultiheadAttention
+    return names[0]
 
-    mha = [n for n, m in student.named_modules() if isinstance(m, QuantMultiheadAttention)]
-    if mha:
-        raise ValueError(f"{mha[0]!r} is a QuantMultiheadAttention, which the integer runtime does not rebuild; "
-                         f"add Rule(pattern='{mha[0]}.*', skip=True) to keep it in floating point.")
+
+def _check_model(student: nn.Module) -> None:
+    from hqdm.call import init_args_of
+
+    model_class_name(student)
+    if not hasattr(student, "save_config") and init_args_of(student) is None:
+        raise ValueError(
+            f"{type(student).__name__} is not a diffusers model, so config.json must hold its constructor arguments "
+            "and none were recorded: build it through a ModelSource (class_name + init_args), or call "
+            "hqdm.call.record_init_args(model, {...}) on the model before hqdm.prepare."
+        )
     if not quant_layers(student):
         raise ValueError("The model has no quantized layers: run hqdm.prepare(model, config) first.")
 
@@ -269,14 +294,18 @@ def _model_tensors(student: nn.Module, layers: dict[str, QuantLayer], float_dtyp
     return {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in out.items()}
 
 
-def _manifest(student: nn.Module, records: dict, model_tensors: dict, family: str) -> dict:
+def _manifest(student: nn.Module, records: dict, model_tensors: dict, adapter) -> dict:
+    from hqdm.mha import QuantMultiheadAttention
+
     steps = {r["act"]["num_train_timesteps"] for r in records.values()}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "hqdm_version": _version(),
-        "model_class": type(student).__name__,
-        "family": family,
+        "model_class": model_class_name(student),
+        "family": adapter.name,
+        "call": adapter.call.to_dict(),
+        "attention": [n for n, m in student.named_modules() if isinstance(m, QuantMultiheadAttention)],
         "num_train_timesteps": max(steps),
         "weight_layout": "[N, K] row-major, K contiguous; Conv2d K = C·kh·kw in PyTorch (c, kh, kw) order",
         "int4_packing": "two's complement nibbles, two per uint8 along K, low nibble = even k (pack_int4)",
@@ -288,7 +317,15 @@ def _manifest(student: nn.Module, records: dict, model_tensors: dict, family: st
 
 
 def _save_config(student: nn.Module, folder: Path) -> None:
-    """config.json without `_name_or_path`: an export carries no path of the machine that wrote it."""
+    """config.json without `_name_or_path`: an export carries no path of the machine that wrote it. A model that is
+    not a diffusers class gets {"_class_name": its registered name, **its recorded constructor arguments}."""
+    if not hasattr(student, "save_config"):
+        from hqdm.call import init_args_of
+
+        config = {"_class_name": model_class_name(student), **init_args_of(student)}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
     student.save_config(folder)
     config = json.loads((folder / "config.json").read_text())
     config.pop("_name_or_path", None)

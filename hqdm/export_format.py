@@ -5,6 +5,8 @@
                                 fold, accumulator bound, tensor names; model class, sizes, sha256 of the weights,
                                 parity figures; sealed by a sha256 over its own canonical JSON (hqdm.safe_io)
              model.safetensors  every tensor (integer weights, scales, tables, μ, σ, W_c, the model's others)
+             README.md          the model card (hqdm.model_card); not read back
+             scheduler_config.json  written by `hqdm export`: the schedule of the run (hqdm.pipelines)
 
 Nothing is pickled; a reader checks the seal, the weights' size and hash, and that each named tensor is there.
 """
@@ -23,6 +25,8 @@ FORMAT = safe_io.EXPORT_FORMAT
 FORMAT_VERSION = 2
 """Version of the export directory format; load_int reads exactly this version (2: sealed manifests)."""
 CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE = "config.json", safe_io.MANIFEST_FILE, "model.safetensors"
+SCHEDULER_FILE = "scheduler_config.json"
+"""Written beside every `hqdm export`, so `hqdm sample` and hqdm.pipelines draw with the run's schedule."""
 
 
 def write_weights(folder: Path, manifest: dict, tensors: dict[str, Tensor]) -> int:

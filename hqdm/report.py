@@ -75,18 +75,19 @@ class QuantReport:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         kinds = list(dict.fromkeys(e.block_type for e in self.layers))
         colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(kinds)}
         fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(self.layers)), 3.6), dpi=120)
         values = [min(e.sqnr_db, 80.0) for e in self.layers]
         ax.bar(range(len(values)), values, color=[colors[e.block_type] for e in self.layers])
-        for k in kinds:
-            ax.bar([], [], color=colors[k], label=k)
         ax.set_xlabel("layer (model order)")
         ax.set_ylabel("SQNR (dB)")
         ax.set_title(f"{title} — model output {self.output_sqnr_db:.1f} dB")
-        ax.legend(fontsize=7, ncol=min(len(kinds), 6), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        handles = [Patch(facecolor=colors[k], label=k) for k in kinds]  # one swatch per block type, in its colour
+        ax.legend(handles=handles, fontsize=7, ncol=min(len(kinds), 6), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.18))
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

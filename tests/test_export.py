@@ -166,7 +166,8 @@ def test_refuses_to_overwrite_unless_asked(exported, tmp_path):
         export(student, path)
     (tmp_path / "m").mkdir()
     export(student, tmp_path / "m", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", MANIFEST_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", MANIFEST_FILE,
+                                                                   WEIGHTS_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -55,7 +55,9 @@ class FitSummary(Callback):
         lines = [f"hqdm fit: stopped at step {trainer.global_step}"]
         start = "PTQ start" if self.first_step == 0 else f"step {self.first_step}"
         for key in SUMMARY_METRICS:
-            if key in self.first and key in self.last:
+            if key in self.last and self.first is self.last:  # a single validation
+                lines.append(f"  {key:<20} {self.last[key]:9.4g} ({start})")
+            elif key in self.first and key in self.last:
                 lines.append(f"  {key:<20} {self.first[key]:9.4g} ({start}) -> {self.last[key]:.4g} "
                              f"(step {trainer.global_step})")
         lines += [f"  {name:<20} {where}" for name, where in self.outputs(trainer, Path(log_dir))]
@@ -67,7 +69,8 @@ class FitSummary(Callback):
         found = []
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-                found.append(("checkpoints", cb.dirpath))
+                if ("checkpoints", cb.dirpath) not in found:
+                    found.append(("checkpoints", cb.dirpath))
                 if cb.last_model_path:
                     found.append(("  last", cb.last_model_path))
                 if cb.monitor and cb.best_model_path:

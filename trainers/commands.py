@@ -13,12 +13,12 @@ beside their final path before renaming them into place (`hqdm.safe_io`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hqdm.export_format import SCHEDULER_FILE  # noqa: F401  (the file `export` writes beside the model)
 from hqdm.trainers.evaluation import evaluate
 from hqdm.trainers.options import Diffusion, Sampler
 
@@ -26,9 +26,6 @@ if TYPE_CHECKING:  # Lightning and the module are imported when a command runs, 
     from lightning.pytorch import LightningDataModule
 
     from hqdm.trainers.module import DistillModule
-
-SCHEDULER_FILE = "scheduler_config.json"
-"""Written beside every export, so `hqdm sample` draws with the schedule the model was trained on."""
 
 
 # ---- cheap checks -------------------------------------------------------------------------------------------------
@@ -116,19 +113,13 @@ def load_run(config: str | None, ckpt_path: str | None,
 
 def _scheduler_from(folder: Path, sampler: Sampler | None):
     """The scheduler saved beside a model folder (or Diffusion()'s default), optionally as another sampler."""
+    from hqdm.pipelines import saved_scheduler
     from hqdm.sampling import SCHEDULERS
 
-    file = folder / SCHEDULER_FILE
-    if not file.is_file():
+    saved = saved_scheduler(folder)
+    if saved is None:
         return Diffusion().sampling_scheduler(sampler)
-    try:
-        saved = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); delete it (default schedule) or re-export.") from err
-    if not isinstance(saved, dict):
-        raise ValueError(f"{file} is not a scheduler config (a JSON object); delete it or re-export.")
-    names = {cls.__name__: name for name, cls in SCHEDULERS.items()}  # allow-listed: a file names no class to import
-    return SCHEDULERS[sampler or names.get(saved.get("_class_name"), "ddim")].from_config(saved)
+    return saved if sampler is None else SCHEDULERS[sampler].from_config(saved.config)
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
@@ -164,7 +155,10 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
             data = command_data(module, datamodule, ckpt_path, config)  # the run's cache: never re-sampled
             module.ensure_calibrated(data)
             batches = module.calibration_batches(val_loader(data), calibration_batches)
-            summary = export_int(module.student, folder, calibration_batches=batches, family=module.quant.family)
+            card = export_card(module, out.name, ckpt_path, {"out_dir": out_dir, "ckpt_path": ckpt_path,
+                                                             "config": config})
+            summary = export_int(module.student, folder, calibration_batches=batches, family=module.quant.family,
+                                 card=card)
         module.diffusion.sampling_scheduler().save_config(folder)
         for note in safe_io.replace_dir(folder, out, overwrite):
             print(f"hqdm export: {note}")
@@ -176,7 +170,52 @@ def export(out_dir: str, ckpt_path: str | None = None, config: str | None = None
     return str(out)
 
 
+CARD_METRICS = ("val/sqnr_db", "val/sample_psnr_db", "val/sample_ssim")
+"""The run's last values of these go into the export's model card."""
+
+
+def export_card(module: DistillModule, name: str, ckpt_path: str | None, options: dict) -> dict:
+    """What the export's README.md says about its run: source, recipe, last metrics, the command."""
+    import shlex
+
+    src = module.source
+    source = src.pretrained or src.class_name
+    source += f" ({src.subfolder})" if src.subfolder else ""
+    source += f" + weights {src.weights}" if src.weights else ""
+    recipe = {k: v for k, v in dataclasses.asdict(module.quant).items() if not isinstance(v, (list, dict))}
+    recipe["rules"] = len(module.quant.rules) or None
+    recipe["lora_rank"] = module.hparams.get("lora_rank") or None
+    command = ["hqdm", "export"] + [part for k, v in options.items() if v is not None for part in (f"--{k}", str(v))]
+    metrics = last_metrics(Path(ckpt_path).parent.parent / "metrics.csv") if ckpt_path else {}
+    return {"name": name, "source": source, "recipe": recipe, "metrics": metrics, "command": shlex.join(command)}
+
+
+def last_metrics(csv_path: Path) -> dict[str, float]:
+    """The last logged value of each CARD_METRICS column of a run's metrics.csv (empty where there is none)."""
+    import csv
+
+    if not csv_path.is_file():
+        return {}
+    found: dict[str, float] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            found.update({k: float(row[k]) for k in CARD_METRICS if row.get(k) not in (None, "")})
+            if any(row.get(k) not in (None, "") for k in CARD_METRICS) and row.get("step") not in (None, ""):
+                found["step"] = int(float(row["step"]))
+    return found
+
+
 # ---- sample -------------------------------------------------------------------------------------------------------
+def default_labels(num_samples: int, num_classes: int, device):
+    """round(num_samples / C) images of each of the first min(C, num_samples) classes (all 0 without classes)."""
+    import torch
+
+    if not num_classes:
+        return torch.zeros(num_samples, dtype=torch.long, device=device)
+    shown = min(num_classes, num_samples)
+    return torch.arange(shown, device=device).repeat_interleave(max(1, round(num_samples / shown)))
+
+
 def load_sampler_model(model: str, config: str | None, device: str, sampler: Sampler | None = None):
     """(model, adapter, scheduler, diffusion or None) from an export folder, a checkpoint or a diffusers folder."""
     from hqdm.adapters import get_adapter
@@ -205,8 +244,9 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
         model: an export folder (integer model, hqdm.load_int), a checkpoint of `hqdm fit` (.ckpt), or a diffusers
             folder (hqdm:digits_dit for the shipped teacher).
         out: PNG path of the grid.
-        labels: class of each sample; default: num_samples images cycling through the classes.
-        num_samples: images when labels are not given.
+        labels: class of each sample; default: about num_samples images, as many of each class.
+        num_samples: images when labels are not given (a class-conditional model draws round(num_samples / C)
+            of each of its first min(C, num_samples) classes, at least one).
         num_steps: sampling steps (default: the run's diffusion.num_steps, else 25).
         guidance_scale: classifier-free guidance (default: the run's, else 1 = none).
         sampler: ddim | ddpm | dpm | euler (default: the run's / the saved scheduler's).
@@ -217,8 +257,8 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
     """
     import torch
 
-    from hqdm.sampling import save_grid
-    from hqdm.trainers.evaluation import draw, grid_labels
+    from hqdm.grids import class_rows, save_grid
+    from hqdm.trainers.evaluation import draw
     from hqdm.trainers.module import class_info
 
     if labels is not None and not labels:
@@ -231,7 +271,7 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
     target = check_output_file("out", out)
     net, adapter, scheduler, diffusion = load_sampler_model(model, config, device, sampler)
     num_classes, null_class = class_info(net, adapter)
-    ys = torch.tensor(labels, device=device) if labels else grid_labels(num_samples, num_classes, device)
+    ys = torch.tensor(labels, device=device) if labels else default_labels(num_samples, num_classes, device)
     allowed = num_classes + (null_class is not None)
     if ys.numel() == 0 or int(ys.min()) < 0 or int(ys.max()) >= max(allowed, 1):
         raise ValueError(f"--labels {labels} out of range: this model takes classes 0..{max(allowed, 1) - 1}"
@@ -242,7 +282,11 @@ def sample(model: str, out: str = "samples.png", labels: list[int] | None = None
     if not torch.isfinite(images).all():
         raise ValueError(f"--model {model!r} drew non-finite images (NaN/Inf): its weights or scales are broken; "
                          "re-export it from a good checkpoint.")
-    write_atomically(target, lambda tmp: save_grid(images.cpu(), tmp))
+    if num_classes:  # one row per class, labeled
+        cells, per_row, rows = class_rows(images.cpu(), ys.tolist())
+        write_atomically(target, lambda tmp: save_grid(cells, tmp, nrow=per_row, row_labels=rows))
+    else:
+        write_atomically(target, lambda tmp: save_grid(images.cpu(), tmp))
     print(f"hqdm sample: {len(ys)} images -> {out}")
     return out
 
