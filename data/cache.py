@@ -70,10 +70,15 @@ def features_of(chunk: dict[str, np.ndarray]):
     for key, array in chunk.items():
         if array.ndim == 1:
             features[key] = datasets.Value(str(array.dtype))
+        elif array.ndim == 2:  # e.g. pooled text embeddings (N, D)
+            features[key] = datasets.Sequence(datasets.Value(str(array.dtype)), length=array.shape[1])
+        elif array.ndim == 3:  # e.g. prompt embeddings (N, L, D)
+            features[key] = datasets.Array2D(shape=tuple(array.shape[1:]), dtype=str(array.dtype))
         elif array.ndim == 4:
             features[key] = datasets.Array3D(shape=tuple(array.shape[1:]), dtype=str(array.dtype))
         else:
-            raise ValueError(f"column {key!r} has shape {array.shape}; a cache stores (N,) or (N, C, H, W) arrays.")
+            raise ValueError(f"column {key!r} has shape {array.shape}; a cache stores (N,), (N, D), (N, L, D) or "
+                             "(N, C, H, W) arrays.")
     return datasets.Features(features)
 
 
@@ -122,7 +127,8 @@ def _write_parts(tmp: str, chunks: Iterable[dict[str, np.ndarray]], meta: dict) 
     if len(parts) > 1:
         done = os.path.join(tmp, "merged")
         datasets.concatenate_datasets([datasets.load_from_disk(p) for p in parts]).save_to_disk(done)
-    shapes = {key: list(getattr(f, "shape", ())) for key, f in features.items()}
+    shapes = {key: list(getattr(f, "shape", None) or ([f.length] if getattr(f, "length", -1) > 0 else []))
+              for key, f in features.items()}
     num_rows = sum(datasets.load_from_disk(p).num_rows for p in parts)
     _write_meta(done, {**meta, "num_rows": num_rows, "shapes": shapes})
     return done

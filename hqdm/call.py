@@ -182,6 +182,32 @@ class CallSpec:
         return cls(**d)
 
 
+INIT_ARGS = "_hqdm_init_args"
+"""Attribute (in the module's __dict__) with the constructor arguments of a model that is not a diffusers class."""
+
+
+def record_init_args(model, init_args: dict) -> None:
+    """Remember how `model` was constructed (`type(model)(**init_args)`), so `hqdm.export` writes them into
+    config.json and `hqdm.load_int` rebuilds the class (diffusers models keep their own config instead).
+
+    Raises:
+        ValueError: init_args that JSON cannot hold.
+    """
+    import json
+
+    try:
+        text = json.dumps(init_args, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"init_args of {type(model).__name__} must be JSON values (numbers, strings, lists, "
+                         f"dicts) to go into config.json: {err}.") from err
+    model.__dict__[INIT_ARGS] = json.loads(text)
+
+
+def init_args_of(model) -> dict | None:
+    """The constructor arguments `record_init_args` stored on `model` (copied by deepcopy / prepare), or None."""
+    return model.__dict__.get(INIT_ARGS)
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")

@@ -21,6 +21,7 @@ measured, it is 4–9× faster than a float32 matmul of the same integer values 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hqdm import int_fused, qlayer
-from hqdm.adapters import get_adapter
+from hqdm.adapters import get_adapter, remember_adapter
+from hqdm.call import CallSpec
 from hqdm.export_format import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_config, read_manifest, read_tensors
 from hqdm.hadamard import HadamardSpec, signs
 from hqdm.int_matmul import INT32_MAX, int_mm
@@ -315,9 +317,26 @@ def layer_state(name: str, record: dict, tensors: dict[str, Tensor]) -> qlayer.L
         full_shape=tuple(wrec["full_shape"]), taps=record.get("taps", 1))
 
 
+class IntConvTranspose2d(IntConv2d):
+    """nn.ConvTranspose2d replacement: the stride-1 IntConv2d of the equivalent conv over the input with stride − 1
+    zeros inserted between pixels (hqdm.layers.QuantConvTranspose2d's own form); `pad` holds the transposed conv's
+    padding and output padding (negative entries crop)."""
+
+    def __init__(self, name: str, state: qlayer.LayerState, fold: dict | None, mod: dict) -> None:
+        super().__init__(name, state, fold, mod)
+        self.transpose_stride = tuple(mod["transpose_stride"])
+
+    def pad(self, x: Tensor) -> Tensor:
+        from hqdm.layers import zero_insert
+
+        return F.pad(zero_insert(x, self.transpose_stride), self.pad_amounts)
+
+
 def int_layer(name: str, record: dict, tensors: dict[str, Tensor]) -> IntLayer:
-    """The IntLinear / IntConv2d of one exported layer (its manifest record and the export's tensors)."""
+    """The IntLinear / IntConv2d / IntConvTranspose2d of one exported layer (its manifest record and tensors)."""
     state = layer_state(name, record, tensors)
+    if record["kind"] == "conv2d" and "transpose_stride" in record["module"]:
+        return IntConvTranspose2d(name, state, record["fold"], record["module"])
     if record["kind"] == "conv2d":
         return IntConv2d(name, state, record["fold"], record["module"])
     return IntLinear(name, state, record["fold"])
@@ -347,9 +366,7 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     manifest = read_manifest(path)
     config = read_config(path, manifest)
     tensors = read_tensors(path, manifest)
-    import diffusers
-
-    model = getattr(diffusers, manifest["model_class"]).from_config(config)
+    model = _build(manifest, config)
     _load_float_tensors(model, manifest, tensors)
     model.to(device)
     if dtype != next(model.parameters()).dtype:
@@ -357,8 +374,33 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     for name, record in manifest["layers"].items():
         _check_module(model, name, record)
         _set_submodule(model, name, int_layer(name, record, tensors).to(device))
-    attach_timesteps(model, get_adapter(model, manifest["family"]).timestep_call)
+    adapter = get_adapter(model, manifest["family"])
+    if manifest.get("call") is not None:  # the call the student was exported with (a declared one included)
+        adapter = dataclasses.replace(adapter, call=CallSpec.from_dict(manifest["call"]))
+    remember_adapter(model, adapter)  # hqdm.sampling.denoiser_of / quant_report call it as declared
+    attach_timesteps(model, adapter.call.timestep_call(type(model).forward))
     return model.eval()
+
+
+def _build(manifest: dict, config: dict) -> nn.Module:
+    """The exported model class, rebuilt only through the allow-list (diffusers model classes, classes registered
+    with hqdm): a diffusers class from its config, another from the constructor arguments config.json holds;
+    attention modules that were split into quantized projections are split again."""
+    from hqdm import safe_io
+    from hqdm.mha import split_attention
+
+    cls = safe_io.model_class(manifest["model_class"])
+    if hasattr(cls, "from_config"):
+        model = cls.from_config(config)
+    else:
+        args = {k: v for k, v in config.items() if not k.startswith("_")}
+        try:
+            model = cls(**args)
+        except TypeError as err:
+            raise ValueError(f"{CONFIG_FILE} holds arguments {sorted(args)} that {manifest['model_class']} does not "
+                             f"take ({err}); the export and the registered class differ.") from err
+    split_attention(model, manifest.get("attention") or [])
+    return model
 
 
 def _load_float_tensors(model: nn.Module, manifest: dict, tensors: dict[str, Tensor]) -> None:
@@ -380,6 +422,10 @@ def _check_module(model: nn.Module, name: str, record: dict) -> None:
         raise ValueError(f"{CONFIG_FILE} builds a model without layer {name!r} named in {MANIFEST_FILE}.") from err
     want = nn.Conv2d if record["kind"] == "conv2d" else nn.Linear
     shape = list(mod.weight.shape) if isinstance(mod, want) else None
+    if "transpose_stride" in record.get("module", {}):  # its record holds the equivalent conv's kernel shape
+        want = nn.ConvTranspose2d
+        shape = ([mod.out_channels, mod.in_channels // mod.groups, *mod.kernel_size]
+                 if isinstance(mod, want) else None)
     if shape != record["weight"]["full_shape"]:
         raise ValueError(
             f"layer {name!r}: {CONFIG_FILE} builds a {type(mod).__name__} (weight {shape}) where {MANIFEST_FILE} "

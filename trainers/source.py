@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hqdm import safe_io
+from hqdm.call import record_init_args
 
 ASSET_PREFIX = "hqdm:"
 
@@ -84,6 +85,8 @@ class ModelSource:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 model = model_class(self.class_name)(**self.init_args)
+            if not hasattr(model, "save_config"):  # not a diffusers model: export writes these into config.json
+                record_init_args(model, self.init_args)
         else:
             model = load_pretrained(resolve_path(self.pretrained), self.subfolder)
         if self.weights is not None:
