@@ -8,7 +8,8 @@ _EXPORTS = {
     "calibrate": "hqdm.calibrate", "LayerQuantConfig": "hqdm.config", "QuantConfig": "hqdm.config",
     "QuantizerSpec": "hqdm.config", "Rule": "hqdm.config", "export": "hqdm.export",
     "set_quantizers_enabled": "hqdm.layers", "prepare": "hqdm.prepare", "quant_report": "hqdm.report",
-    "load_int": "hqdm.runtime", "use_timesteps": "hqdm.timesteps",
+    "load_int": "hqdm.runtime", "use_timesteps": "hqdm.timesteps", "CallSpec": "hqdm.call",
+    "Adapter": "hqdm.adapters", "register_adapter": "hqdm.adapters",
 }
 """Public name -> defining module; imported on first use, so `import hqdm` (and the `hqdm` command) starts fast."""
 
@@ -44,6 +45,8 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
+    "Adapter",
+    "CallSpec",
     "LayerQuantConfig",
     "QuantConfig",
     "QuantizerSpec",
@@ -53,6 +56,7 @@ __all__ = [
     "load_int",
     "prepare",
     "quant_report",
+    "register_adapter",
     "set_quantizers_enabled",
     "use_timesteps",
 ]

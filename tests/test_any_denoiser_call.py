@@ -223,3 +223,11 @@ def test_calibrate_and_report_restore_every_module_mode(train):
     model.train(not train)
     quant_report(student, model, _batches())
     assert student.training == train and not student.drop.training and model.training == (not train)
+
+
+def test_call_declaration_and_adapter_registration_are_public():
+    import hqdm
+    from hqdm import adapters, call
+
+    assert hqdm.CallSpec is call.CallSpec and hqdm.register_adapter is adapters.register_adapter
+    assert hqdm.Adapter is adapters.Adapter and {"CallSpec", "Adapter", "register_adapter"} <= set(hqdm.__all__)
