@@ -5,10 +5,9 @@
 
 `hqdm --help` is answered here without building a parser; the plain commands are dispatched before Lightning
 is imported, and LightningCLI (`hqdm.trainers.lightning_cli`) is imported only for its own four commands.
-Every command reads checkpoints with
-weights_only=True, refuses a --ckpt_path whose options differ from the run's (`guards.check_resume`), stops a
-fit on NaN / Inf (`guards.FiniteGuard`), and turns expected errors into one line on stderr with a nonzero exit
-code; `--debug` (or HQDM_DEBUG=1) shows the traceback instead.
+Every command reads checkpoints with weights_only=True, refuses a --ckpt_path whose options differ from the
+run's (`guards.check_resume`), stops a fit on NaN / Inf (`guards.FiniteGuard`), and turns expected errors into
+one line on stderr with a nonzero exit code; `--debug` (or HQDM_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
