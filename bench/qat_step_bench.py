@@ -3,15 +3,18 @@
 Variants: the FP fine-tune step (MSE against a random target) eager and compiled — the compiled one is the
 baseline of every ratio — and hqdm QAT steps for HQ-DM W4A4, HQ-DM W4A8 and HadaNorm W4A4 (hqdm.prepare +
 QuantConfig, calibrated on two random batches), each with a live teacher (under no_grad) or a cached target
-(teacher off the GPU), eager or compiled (student and teacher), fused fake quantization off or on. The fused
-path is switched through the HQDM_FUSED_FAKE_QUANT environment variable, which the quantized layers read; a
-fused variant whose layers never reach hqdm.kernels.fake_quant is reported as such instead of timed. Step time:
-CUDA events, median over --steps after --warmup steps (compilation happens in the warmup); memory:
-torch.cuda.max_memory_allocated over the timed steps. --kernels adds per-call timings of the fused activation and
-weight fake quant against the unfused reference (eager and compiled) at DiT-XL/2 layer shapes.
+(teacher off the GPU), eager or compiled (student and teacher), fused fake quantization off or on, and the
+compiled fused step with the student stored in bf16 and bitsandbytes' AdamW8bit (bf16 inputs, no autocast). The
+fused path is switched through the HQDM_FUSED_FAKE_QUANT environment variable, which the quantized layers read; on
+CUDA a fused variant whose layers never reach hqdm.kernels.fake_quant is reported as such instead of timed. Step
+time: CUDA events (CPU: perf_counter), median over --steps after --warmup steps (compilation happens in the
+warmup); memory: torch.cuda.max_memory_allocated over the timed steps (CUDA only), and for eager variants on any
+device the MiB autograd saves for the backward of one forward, by dtype (each storage once, parameters
+included). --kernels adds per-call timings of the fused activation and weight fake quant against the unfused
+reference (eager and compiled) at DiT-XL/2 layer shapes. The table comes last.
 
-Usage (CUDA machine, repo root on PYTHONPATH; each variant is independent, a failure prints and moves on):
-    python3 bench/qat_step_bench.py                                   # every variant (long: ~13 compilations)
+Usage (repo root; each variant is independent, a failure prints and moves on):
+    python3 bench/qat_step_bench.py --json qat.json                   # CUDA: every variant (~17 compilations)
     python3 bench/qat_step_bench.py --only "W4A4 live" --json a.json  # a subset; the compiled FP step always runs
     python3 bench/qat_step_bench.py --merge a.json b.json             # one table from several runs
     python3 bench/qat_step_bench.py --kernels --only none             # kernel timings only
@@ -50,6 +53,8 @@ class Row:
     ms: float | None = None
     peak_gib: float | None = None
     note: str = ""
+    saved_mib: dict | None = None
+    """MiB that autograd keeps for the backward of one eager step's forward, by dtype (any device)."""
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -76,6 +81,27 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[float, flo
             times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return statistics.median(times), peak
+
+
+def saved_for_backward(student, b: dict, bf16_8bit: bool, device: torch.device) -> dict[str, float]:
+    """MiB of the tensors autograd saves for the backward of one student forward + loss, by dtype; a storage is
+    counted once (parameters included: what the backward holds on to)."""
+    seen, total = set(), {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            name = str(t.dtype).removeprefix("torch.")
+            total[name] = total.get(name, 0.0) + t.untyped_storage().nbytes() / 2**20
+        return t
+
+    if bf16_8bit:
+        b = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_8bit):
+        predict(student, b).float().pow(2).mean()
+    return {k: round(v, 2) for k, v in sorted(total.items())}
 
 
 def cleanup() -> None:
@@ -117,15 +143,29 @@ def prepare_student(teacher, name: str, calib: list[dict]):
     return student.train()
 
 
-def make_step(student, teacher, b: dict, target, compiled: bool, backend: str, device: torch.device):
-    """One optimizer step: (teacher prediction or cached target), student prediction, MSE, backward, AdamW."""
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+def make_step(student, teacher, b: dict, target, compiled: bool, backend: str, device: torch.device,
+              bf16_8bit: bool = False):
+    """One optimizer step: (teacher prediction or cached target), student prediction, MSE, backward, AdamW.
+
+    bf16_8bit: what `hqdm fit --trainer.precision bf16-true --model.optimizer adamw8bit` trains with: the student
+    (and the teacher) stored in bf16, bitsandbytes' AdamW8bit, bf16 inputs and no autocast.
+    """
+    params = [p for p in student.parameters() if p.requires_grad]
+    if bf16_8bit:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-5)
+        b = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
+        target = None if target is None else target.to(torch.bfloat16)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
     fwd_s = torch.compile(student, backend=backend) if compiled else student
     fwd_t = None if teacher is None else (torch.compile(teacher, backend=backend) if compiled else teacher)
     loss_fn = torch.compile(F.mse_loss, backend=backend) if compiled else F.mse_loss
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_8bit)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast:
             if fwd_t is None:
                 ref = target
             else:
@@ -170,7 +210,7 @@ def run_fp(rows: list[Row], args, cfg: dict, device: torch.device, compiled: boo
         target = torch.randn_like(predict(model, b).detach())
         ms, peak = timed(make_step(model, None, b, target, compiled, args.backend, device), args.warmup,
                          args.steps, device)
-        rows.append(Row(name, ms, peak))
+        rows.append(Row(name, ms, peak, saved_mib=None if compiled else saved_for_backward(model, b, False, device)))
     except Exception:
         rows.append(Row(name, note=traceback.format_exc(limit=2).strip().splitlines()[-1]))
         traceback.print_exc()
@@ -181,9 +221,15 @@ def run_fp(rows: list[Row], args, cfg: dict, device: torch.device, compiled: boo
 
 
 def run_quant(rows: list[Row], args, cfg: dict, device: torch.device, qname: str) -> None:
-    subs = [(teacher, compiled, fused) for teacher in ("live", "cached") for compiled in (False, True)
+    subs = [(teacher, compiled, fused, False) for teacher in ("live", "cached") for compiled in (False, True)
             for fused in (False, True)]
-    names = {s: f"{qname} {s[0]} {'compiled' if s[1] else 'eager'} fused-{'on' if s[2] else 'off'}" for s in subs}
+    subs += [(teacher, True, True, True) for teacher in ("live", "cached")]  # bf16 weights + AdamW8bit
+
+    def name_of(s) -> str:
+        return (f"{qname} {s[0]} {'compiled' if s[1] else 'eager'} fused-{'on' if s[2] else 'off'}"
+                + (" bf16+adamw8bit" if s[3] else ""))
+
+    names = {s: name_of(s) for s in subs}
     subs = [s for s in subs if selected(names[s], args.only)]
     if not subs:
         return
@@ -202,20 +248,25 @@ def run_quant(rows: list[Row], args, cfg: dict, device: torch.device, qname: str
         rows.extend(Row(names[s], note=f"setup: {note}") for s in subs)
         cleanup()
         return
-    for s in subs:
-        live, compiled, fused = s[0] == "live", s[1], s[2]
+    for s in sorted(subs, key=lambda s: s[3]):  # the bf16 casts last: they change the models in place
+        live, compiled, fused, bf16_8bit = s[0] == "live", s[1], s[2], s[3]
         os.environ[ENV_FLAG] = "1" if fused else "0"
-        if fused and wired == (0, 0):
-            rows.append(Row(names[s], note="fused path not taken: the layers do not call hqdm.kernels.fake_quant"
-                                           + ("" if device.type == "cuda" else " (CPU)")))
+        note = "fused path not taken: the layers do not call hqdm.kernels.fake_quant"
+        if fused and wired == (0, 0) and device.type == "cuda":
+            rows.append(Row(names[s], note=note))
             print_row(rows[-1])
             continue
         try:
+            if bf16_8bit:
+                student.to(torch.bfloat16)
+                teacher.to(torch.bfloat16)
             teacher.to(device if live else "cpu")
-            step = make_step(student, teacher if live else None, b, target, compiled, args.backend, device)
+            step = make_step(student, teacher if live else None, b, target, compiled, args.backend, device, bf16_8bit)
             ms, peak = timed(step, args.warmup, args.steps, device)
-            rows.append(Row(names[s], ms, peak, f"fused calls/forward: act {wired[0]}, weight {wired[1]}"
-                            if fused else ""))
+            fused_note = (f"fused calls/forward: act {wired[0]}, weight {wired[1]}" if wired != (0, 0)
+                          else note + " (CPU: the reference path ran)")
+            saved = None if compiled else saved_for_backward(student, b, bf16_8bit, device)
+            rows.append(Row(names[s], ms, peak, fused_note if fused else "", saved))
         except Exception:
             rows.append(Row(names[s], note=traceback.format_exc(limit=2).strip().splitlines()[-1]))
             traceback.print_exc()
@@ -299,22 +350,28 @@ def selected(name: str, only: list[str] | None) -> bool:
     return name == BASELINE or not only or any(o.lower() in name.lower() for o in only)
 
 
+def saved_text(r: Row) -> str:
+    return "-" if not r.saved_mib else " ".join(f"{k}:{v:g}" for k, v in r.saved_mib.items())
+
+
 def print_row(r: Row) -> None:
     ms = "-" if r.ms is None else f"{r.ms:.2f} ms"
     peak = "" if r.peak_gib is None else f", {r.peak_gib:.2f} GiB"
-    print(f"[{r.name}] {ms}{peak} {r.note}", flush=True)
+    saved = "" if not r.saved_mib else f", saved for backward (MiB) {saved_text(r)}"
+    print(f"[{r.name}] {ms}{peak}{saved} {r.note}", flush=True)
 
 
 def table(rows: list[Row]) -> str:
     base = next((r for r in rows if r.name == BASELINE and r.ms is not None), None)
-    lines = [f"{'variant':62s} {'ms':>9s} {'x FP':>6s} {'GiB':>7s} {'x FP':>6s}  note", "-" * 100]
+    lines = [f"{'variant':62s} {'ms':>9s} {'x FP':>6s} {'GiB':>7s} {'x FP':>6s}  {'saved MiB (eager)':30s} note",
+             "-" * 140]
     for r in rows:
         ms = "-" if r.ms is None else f"{r.ms:9.2f}"
         ratio = "-" if r.ms is None or base is None else f"{r.ms / base.ms:6.2f}"
         gib = "-" if r.peak_gib is None else f"{r.peak_gib:7.2f}"
         base_gib = None if base is None else base.peak_gib
         gratio = "-" if r.peak_gib is None or not base_gib else f"{r.peak_gib / base_gib:6.2f}"
-        lines.append(f"{r.name:62s} {ms:>9s} {ratio:>6s} {gib:>7s} {gratio:>6s}  {r.note[:120]}")
+        lines.append(f"{r.name:62s} {ms:>9s} {ratio:>6s} {gib:>7s} {gratio:>6s}  {saved_text(r):30s} {r.note[:100]}")
     return "\n".join(lines)
 
 
