@@ -15,7 +15,7 @@ from hqdm import QuantConfig, calibrate, prepare, quant_report
 from hqdm.adapters import get_adapter
 from hqdm.call import CallSpec
 from hqdm.export import export_layer
-from hqdm.layers import QuantConvTranspose2d, QuantLayer, zero_insert
+from hqdm.layers import QuantConvTranspose2d, QuantLayer
 from hqdm.metrics import sqnr_db
 from hqdm.mha import QuantMultiheadAttention, split_attention
 from hqdm.prepare import quant_layers
@@ -179,26 +179,13 @@ def test_unet_with_transposed_conv_and_integer_time():
 
 
 # ---- the integer path of these models, as load_int will build it ---------------------------------------------------
-class ZeroInsert(nn.Module):
-    """stride − 1 zeros between pixels: what an integer ConvTranspose2d runs before its stride-1 IntConv2d."""
-
-    def __init__(self, stride: tuple[int, int]) -> None:
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return zero_insert(x, self.stride)
-
-
 def _integer_model(student: nn.Module, float_model: nn.Module) -> nn.Module:
     """The float model with attention split into projections and every quantized layer swapped for its exported
     integer layer (export_layer -> int_layer); a transposed conv reads the zero-inserted input."""
     model = copy.deepcopy(float_model)
     split_attention(model)
     for name, layer in quant_layers(student).items():
-        new = int_layer(name, *export_layer(name, layer))
-        if isinstance(layer, QuantConvTranspose2d):
-            new = nn.Sequential(ZeroInsert(layer.transpose_stride), new)
+        new = int_layer(name, *export_layer(name, layer))  # an IntConvTranspose2d zero-inserts its own input
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     attach_timesteps(model, get_adapter(student).call.timestep_call(type(model).forward))

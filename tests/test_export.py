@@ -171,10 +171,11 @@ def test_refuses_to_overwrite_unless_asked(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_non_diffusers_model_is_refused(tmp_path):
+def test_a_model_class_load_int_could_not_rebuild_is_refused_before_writing(tmp_path):
     student, _ = hqdm.prepare(nn.Sequential(nn.Linear(32, 32)), hqdm.QuantConfig(a_dynamic=True))
-    with pytest.raises(ValueError, match="not a diffusers model"):
+    with pytest.raises(ValueError, match=r"Sequential is neither a diffusers model class nor registered.*register_"):
         export(student, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_accumulator_overflow_is_refused():
