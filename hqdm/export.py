@@ -16,7 +16,6 @@ is written under a temporary name and renamed, so a failed export leaves nothing
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hqdm import export_format as fmt
 from hqdm import qlayer, safe_io
 from hqdm.adapters import get_adapter
 from hqdm.calibrate import forward_batch
-from hqdm.export_format import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, write_manifest, write_weights
 from hqdm.fake_quantizer import FakeQuantizer
 from hqdm.layers import QuantConv2d, QuantLayer, layer_config_to_dict, set_quantizers_enabled
 from hqdm.metrics import SQNRSum
@@ -75,7 +74,7 @@ class ExportSummary:
             f"  integer weights           {mb(self.weight_bytes)}",
             f"  scales, tables, μ, σ, W_c {mb(self.qparam_bytes)}",
             f"  other model tensors       {mb(self.model_bytes)}",
-            f"  {WEIGHTS_FILE:<25} {mb(self.file_bytes)}   {self.ratio:.3f}× the bf16 model "
+            f"  {fmt.WEIGHTS_FILE:<25} {mb(self.file_bytes)}   {self.ratio:.3f}× the bf16 model "
             f"({self.bf16_bytes / 2**20:.2f} MiB)",
         ]
         if self.parity:
@@ -110,9 +109,10 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
         FileExistsError: out_dir exists and overwrite is False, or it is not an export (a user folder, a file):
             overwrite replaces only a folder hqdm or diffusers wrote.
         PermissionError: out_dir's parent cannot be written.
-        ValueError: a model that is not a diffusers model; a layer no integer GEMM can run (its activation
-            granularity, missing quantizers, an int32 accumulator that can overflow); non-finite tensors; parity
-            below the bounds.
+        ValueError: a model class load_int could not rebuild (neither a diffusers class nor registered, or
+            without recorded constructor arguments); a layer no integer GEMM can run (its activation granularity,
+            missing quantizers, an int32 accumulator that can overflow); non-finite tensors; parity below the
+            bounds.
     """
     out = Path(out_dir)
     safe_io.check_target(out, overwrite)  # before any work: never replace a user's folder or file
@@ -120,19 +120,19 @@ def export(student: nn.Module, out_dir: str | Path, calibration_batches=None, fa
     layers = quant_layers(student)
     records, tensors = {}, {}
     for name, layer in layers.items():
-        records[name], layer_tensors = export_layer(name, layer)
-        tensors.update(layer_tensors)
+        records[name], own = export_layer(name, layer)
+        tensors.update(own)
     model_tensors = _model_tensors(student, layers, float_dtype)
     safe_io.check_finite({**tensors, **model_tensors}, "export")
     manifest = _manifest(student, records, model_tensors, get_adapter(student, family))
     tmp = safe_io.staging_dir(out)
     try:
-        _save_config(student, tmp)
-        file_bytes = write_weights(tmp, manifest, {**tensors, **model_tensors})
-        write_manifest(tmp, manifest)
+        fmt.write_config(student, tmp)
+        file_bytes = fmt.write_weights(tmp, manifest, {**tensors, **model_tensors})
+        fmt.write_manifest(tmp, manifest)
         if calibration_batches is not None:
             manifest["parity"] = check_parity(student, tmp, calibration_batches, family)
-            write_manifest(tmp, manifest)
+            fmt.write_manifest(tmp, manifest)
         bf16_bytes = _bf16_bytes(layers, model_tensors)
         write_card(tmp, (card or {}).get("name", out.name), manifest, {"file": file_bytes, "bf16": bf16_bytes}, card)
         safe_io.replace_dir(tmp, out, overwrite)
@@ -163,10 +163,7 @@ def export_layer(name: str, layer: QuantLayer) -> tuple[dict, dict[str, Tensor]]
     except ValueError as err:
         raise ValueError(f"layer {name!r}: {err}") from err
     n, k = st.w_int.shape
-    roles = {"w_int": qlayer.store_ints(st.w_bits, st.w_int), "w_scale": st.w_scale, "w_zero": st.w_zero,
-             "a_scale": st.a_scale, "a_zero": st.a_zero, "bias": st.bias, "mu": st.mu, "sigma": st.sigma,
-             "c_int": None if st.c_int is None else qlayer.store_ints(st.c_bits, st.c_int), "c_scale": st.c_scale,
-             "c_weight": st.c_weight}
+    roles = fmt.layer_tensors(st)
     record = {
         "kind": st.kind,
         "module": _module_record(layer, conv),
@@ -247,33 +244,10 @@ def _module_record(layer: QuantLayer, conv: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def model_class_name(student: nn.Module) -> str:
-    """The name load_int rebuilds `student`'s class by: a diffusers model class's own name, or the name a class
-    registered with hqdm (`hqdm.register_adapter(..., classes=...)` / `safe_io.register_model_class`) goes by.
-
-    Raises:
-        ValueError: neither (load_int imports nothing a file names, so it could not rebuild the class).
-    """
-    import diffusers
-
-    cls = type(student)
-    if isinstance(student, diffusers.ModelMixin) and getattr(diffusers, cls.__name__, None) is cls:
-        return cls.__name__
-    names = [name for name, klass in safe_io._REGISTERED.items() if klass is cls]
-    if not names:
-        raise ValueError(
-            f"{cls.__module__}.{cls.__qualname__} is neither a diffusers model class nor registered with hqdm, so "
-            "load_int could not rebuild it (it imports nothing a file names). Register it first: "
-            "hqdm.register_adapter(Adapter(name=..., call=CallSpec(...)), classes=[YourModel]) or "
-            "hqdm.safe_io.register_model_class(YourModel)."
-        )
-    return names[0]
-
-
 def _check_model(student: nn.Module) -> None:
     from hqdm.call import init_args_of
 
-    model_class_name(student)
+    safe_io.model_class_name(type(student))
     if not hasattr(student, "save_config") and init_args_of(student) is None:
         raise ValueError(
             f"{type(student).__name__} is not a diffusers model, so config.json must hold its constructor arguments "
@@ -299,10 +273,10 @@ def _manifest(student: nn.Module, records: dict, model_tensors: dict, adapter) -
 
     steps = {r["act"]["num_train_timesteps"] for r in records.values()}
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
         "hqdm_version": _version(),
-        "model_class": model_class_name(student),
+        "model_class": safe_io.model_class_name(type(student)),
         "family": adapter.name,
         "call": adapter.call.to_dict(),
         "attention": [n for n, m in student.named_modules() if isinstance(m, QuantMultiheadAttention)],
@@ -314,22 +288,6 @@ def _manifest(student: nn.Module, records: dict, model_tensors: dict, adapter) -
         "files": {},
         "parity": None,
     }
-
-
-def _save_config(student: nn.Module, folder: Path) -> None:
-    """config.json without `_name_or_path`: an export carries no path of the machine that wrote it. A model that is
-    not a diffusers class gets {"_class_name": its registered name, **its recorded constructor arguments}."""
-    if not hasattr(student, "save_config"):
-        from hqdm.call import init_args_of
-
-        config = {"_class_name": model_class_name(student), **init_args_of(student)}
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return
-    student.save_config(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("_name_or_path", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _nbytes(t: Tensor) -> int:

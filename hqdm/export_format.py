@@ -17,9 +17,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from hqdm import safe_io
+from hqdm import qlayer, safe_io
+from hqdm.hadamard import HadamardSpec
 
 FORMAT = safe_io.EXPORT_FORMAT
 FORMAT_VERSION = 2
@@ -27,6 +28,30 @@ FORMAT_VERSION = 2
 CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE = "config.json", safe_io.MANIFEST_FILE, "model.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
 """Written beside every `hqdm export`, so `hqdm sample` and hqdm.pipelines draw with the run's schedule."""
+
+
+def write_config(model: nn.Module, folder: Path) -> None:
+    """config.json without `_name_or_path` (an export carries no path of the machine that wrote it). A model that is
+    not a diffusers class gets {"_class_name": its registered name, **its recorded constructor arguments}."""
+    from hqdm.call import init_args_of
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_config"):
+        model.save_config(folder)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        config.pop("_name_or_path", None)
+    else:
+        config = {"_class_name": safe_io.model_class_name(type(model)), **init_args_of(model)}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def layer_tensors(st: qlayer.LayerState) -> dict[str, Tensor | None]:
+    """The tensors of one layer's state by role (None: the layer has no such tensor); `layer_state` reads them back.
+    Integer weights and corrections are stored at their own width (int4 packed two per byte)."""
+    return {"w_int": qlayer.store_ints(st.w_bits, st.w_int), "w_scale": st.w_scale, "w_zero": st.w_zero,
+            "a_scale": st.a_scale, "a_zero": st.a_zero, "bias": st.bias, "mu": st.mu, "sigma": st.sigma,
+            "c_int": None if st.c_int is None else qlayer.store_ints(st.c_bits, st.c_int), "c_scale": st.c_scale,
+            "c_weight": st.c_weight}
 
 
 def write_weights(folder: Path, manifest: dict, tensors: dict[str, Tensor]) -> int:
@@ -109,3 +134,52 @@ def read_tensors(path: Path, manifest: dict) -> dict[str, Tensor]:
                 "incomplete: re-export."
             )
     return tensors
+
+
+def layer_state(name: str, record: dict, tensors: dict[str, Tensor]) -> qlayer.LayerState:
+    """The `hqdm.qlayer.LayerState` of one exported layer, from its manifest record and tensors."""
+
+    def get(role: str) -> Tensor | None:
+        key = record["tensors"].get(role)
+        if key is None:
+            return None
+        if key not in tensors:
+            raise ValueError(f"layer {name!r}: tensor {key!r} ({role}) is missing from {WEIGHTS_FILE}; re-export.")
+        return tensors[key]
+
+    cfg, act, wrec = record["config"], record["act"], record["weight"]
+    n, k = wrec["shape"]
+    w_int = qlayer.load_ints(get("w_int"))
+    if tuple(w_int.shape) != (n, k):
+        raise ValueError(f"layer {name!r}: stored weight unpacks to {tuple(w_int.shape)}, manifest says {(n, k)}.")
+    c_int = get("c_int")
+    return qlayer.LayerState(
+        kind=record["kind"], channel_dim=1 if record["kind"] == "conv2d" else -1, center=cfg["center"],
+        normalize=cfg["normalize"], rotation=cfg["rotation"],
+        hadamard=None if record["hadamard"] is None else HadamardSpec.from_dict(record["hadamard"]),
+        w_bits=cfg["w"]["bits"], w_int=w_int, w_scale=get("w_scale"), w_zero=get("w_zero"), a_bits=act["bits"],
+        a_symmetric=act["symmetric"], a_mode=act["mode"], timestep_buckets=act["timestep_buckets"],
+        num_train_timesteps=act["num_train_timesteps"], a_scale=get("a_scale"), a_zero=get("a_zero"),
+        bias=get("bias"), mu=get("mu"), sigma=get("sigma"), c_bits=cfg["correction_bits"],
+        c_int=None if c_int is None else qlayer.load_ints(c_int), c_scale=get("c_scale"), c_weight=get("c_weight"),
+        full_shape=tuple(wrec["full_shape"]), taps=record.get("taps", 1))
+
+
+def build_model(manifest: dict, config: dict) -> nn.Module:
+    """The exported model class, rebuilt only through the allow-list (diffusers model classes, classes registered
+    with hqdm): a diffusers class from its config, another from the constructor arguments config.json holds;
+    attention modules that were split into quantized projections are split again."""
+    from hqdm.mha import split_attention
+
+    cls = safe_io.model_class(manifest["model_class"])
+    if hasattr(cls, "from_config"):
+        model = cls.from_config(config)
+    else:
+        args = {k: v for k, v in config.items() if not k.startswith("_")}
+        try:
+            model = cls(**args)
+        except TypeError as err:
+            raise ValueError(f"{CONFIG_FILE} holds arguments {sorted(args)} that {manifest['model_class']} does not "
+                             f"take ({err}); the export and the registered class differ.") from err
+    split_attention(model, manifest.get("attention") or [])
+    return model

@@ -96,7 +96,7 @@ def linear_forward(layer, x: Tensor) -> Tensor:
 
 def conv_forward(layer, x: Tensor) -> Tensor:
     """IntConv2d's forward through the kernels: pad, quantize channels-last pixels, int8 im2col, GEMM."""
-    from hqdm.runtime import im2col_channels_last
+    from hqdm.int_matmul import im2col_channels_last
 
     b = x.shape[0]
     mu = None

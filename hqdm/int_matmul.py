@@ -5,6 +5,10 @@
 CPU and CUDA run `torch._int_mm` (CUDA: cuBLASLt int8; a fused Triton kernel will replace it behind this same
 function); any other device runs `int_mm_reference`. Callers keep |result| < 2^31: `hqdm.export` refuses layers
 whose accumulator bound K·max|a|·max|w| could reach it.
+
+Beside it, what feeds and finishes that GEMM for every integer layer: the im2col rows of an int8 conv input
+(`im2col`, `im2col_channels_last`) and the exact combination of a folded weight's int8 digit GEMMs
+(`digits_dtype`, `combine_digits`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hqdm.qlayer import DIGIT_BASE
 
 INT32_MAX = 2**31 - 1
 
@@ -89,3 +95,58 @@ def int_mm_reference(a: Tensor, w: Tensor) -> Tensor:
             "the export's accumulator check should have refused this layer."
         )
     return out.to(torch.int32)
+
+
+# ---- operands and results of the integer GEMM --------------------------------------------------------------------
+def _patches(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+             h: int, w: int) -> Tensor:
+    """Strided views of the kernel windows over axes h and w of q: two new trailing axes (kh, kw)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    p = q.unfold(h, dh * (kh - 1) + 1, sh)[..., ::dh]
+    return p.unfold(w, dw * (kw - 1) + 1, sw)[..., ::dw]
+
+
+def im2col(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
+    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, C·kh·kw), PyTorch's (c, i, j) order.
+
+    Equals `F.unfold(q, kernel, dilation, 0, stride).transpose(1, 2)` rows, built from strided views because
+    F.unfold has no int8 kernel; the only copy is the final int8 reshape.
+    """
+    p = _patches(q, kernel, stride, dilation, 2, 3)  # (B, C, Ho, Wo, kh, kw)
+    b, c, ho, wo, kh, kw = p.shape
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw), (ho, wo)
+
+
+def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                         groups: int = 1):
+    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, K), K in (g, i, j, c) order.
+
+    The channels are split into `groups` equal runs; column ((g·kh + i)·kw + j)·(C/groups) + c holds input channel
+    g·C/groups + c at kernel tap (i, j). Read from the channels-last copy of q (free when q is channels-last in
+    memory already, as the rotated input is), so the final copy moves runs of C/groups contiguous bytes.
+    """
+    nhwc = q.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+    p = _patches(nhwc, kernel, stride, dilation, 1, 2)  # (B, Ho, Wo, C, kh, kw)
+    b, ho, wo, c, kh, kw = p.shape
+    p = p.unflatten(3, (groups, c // groups)).permute(0, 1, 2, 3, 5, 6, 4)  # (B, Ho, Wo, G, kh, kw, C/G)
+    return p.reshape(b * ho * wo, c * kh * kw), (ho, wo)
+
+
+def digits_dtype(k: int, a_bits: int, parts: int) -> torch.dtype:
+    """int32 when combining `parts` int8-digit accumulators of a K-long GEMM cannot overflow it, else int64.
+
+    Digit p's accumulator is at most K·2^(a_bits−1)·128 in magnitude and enters as acc_p·256^p, so every partial
+    sum of the combination is bounded by K·2^(a_bits−1)·128·Σ_p 256^p.
+    """
+    bound = k * 2 ** (a_bits - 1) * 128 * sum(DIGIT_BASE**p for p in range(parts))
+    return torch.int32 if bound <= INT32_MAX else torch.int64
+
+
+def combine_digits(acc: Tensor, parts: int, dtype: torch.dtype) -> Tensor:
+    """Σ_p acc_p·256^p of the digit accumulators acc (M, P·N) int32, digit p in columns p·N..(p+1)·N: the
+    accumulator of the combined integer weight, exact in `dtype` (`digits_dtype`)."""
+    n = acc.shape[1] // parts
+    out = acc[:, (parts - 1) * n:].to(dtype)
+    for p in range(parts - 2, -1, -1):  # Horner: out·256 + acc_p
+        out = torch.add(acc[:, p * n:(p + 1) * n].to(dtype), out, alpha=DIGIT_BASE)
+    return out

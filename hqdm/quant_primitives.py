@@ -99,3 +99,13 @@ def unpack_int4(packed: Tensor) -> Tensor:
     hi = (packed >> 4).to(torch.int8)
     out = torch.stack([lo, hi], dim=-1).flatten(-2)  # (N, K)
     return torch.where(out > 7, out - 16, out)
+
+
+def quantize_into_int8(h: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """`hqdm.quant_primitives.quantize(h, scale, zero_point, qmin, qmax)`, bit for bit, with one float temporary:
+    the same divide, round, add and clamp, the last three in place."""
+    q = h / scale
+    q.round_()
+    if zero_point is not None:
+        q.add_(zero_point.round())
+    return q.clamp_(qmin, qmax).to(torch.int8)

@@ -11,12 +11,14 @@ activation is quantized in the rotated basis). For rotation='single' the fake-qu
 (x̂ = Q(xR)·Rᵀ), so Rᵀ folds into the weight: Q_w(W)·R = s_w·(W_int − z_w)·R_raw/√n, an exact integer matrix
 with entries up to n·2^b. It is built here at load time from the stored low-bit integers (the file keeps 4 or
 8 bits per weight) and split into balanced base-256 int8 digits, W = Σ_p D_p·256^p, stacked into one GEMM; the
-digits' accumulators combine exactly in integers (`combine_digits`) before the one float32 dequantization.
+digits' accumulators combine exactly in integers (`hqdm.int_matmul.combine_digits`) before the one float32
+dequantization.
 
 On CPU the float work around the GEMM is done in as few passes as the definition allows: the activation integers
-round in place (`quantize_into_int8`, bit-identical to `hqdm.quant_primitives.quantize`) and the dequantization
-scales the float32 accumulator in place, in the reference's order. `torch._int_mm` stays the GEMM: on the x86 CPUs
-measured, it is 4–9× faster than a float32 matmul of the same integer values (bench/int_cpu_bench.py --gemm).
+round in place (`hqdm.quant_primitives.quantize_into_int8`, bit-identical to its `quantize`) and the
+dequantization scales the float32 accumulator in place, in the reference's order. `torch._int_mm` stays the GEMM:
+on the x86 CPUs measured, it is 4–9× faster than a float32 matmul of the same integer values
+(bench/int_cpu_bench.py --gemm).
 """
 
 from __future__ import annotations
@@ -33,9 +35,18 @@ from torch import Tensor, nn
 from hqdm import int_fused, qlayer
 from hqdm.adapters import get_adapter, remember_adapter
 from hqdm.call import CallSpec
-from hqdm.export_format import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_config, read_manifest, read_tensors
-from hqdm.hadamard import HadamardSpec, signs
-from hqdm.int_matmul import INT32_MAX, int_mm
+from hqdm.export_format import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    build_model,
+    layer_state,
+    read_config,
+    read_manifest,
+    read_tensors,
+)
+from hqdm.hadamard import signs
+from hqdm.int_matmul import combine_digits, digits_dtype, im2col, im2col_channels_last, int_mm
+from hqdm.quant_primitives import quantize_into_int8
 from hqdm.timesteps import Timesteps, attach_timesteps
 
 
@@ -219,102 +230,9 @@ class IntConv2d(IntLayer):
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2).to(x.dtype)  # (B, N, Ho, Wo)
 
 
-def _patches(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-             h: int, w: int) -> Tensor:
-    """Strided views of the kernel windows over axes h and w of q: two new trailing axes (kh, kw)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    p = q.unfold(h, dh * (kh - 1) + 1, sh)[..., ::dh]
-    return p.unfold(w, dw * (kw - 1) + 1, sw)[..., ::dw]
-
-
-def im2col(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]):
-    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, C·kh·kw), PyTorch's (c, i, j) order.
-
-    Equals `F.unfold(q, kernel, dilation, 0, stride).transpose(1, 2)` rows, built from strided views because
-    F.unfold has no int8 kernel; the only copy is the final int8 reshape.
-    """
-    p = _patches(q, kernel, stride, dilation, 2, 3)  # (B, C, Ho, Wo, kh, kw)
-    b, c, ho, wo, kh, kw = p.shape
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw), (ho, wo)
-
-
-def im2col_channels_last(q: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                         groups: int = 1):
-    """Patches of an (already padded) (B, C, H, W) tensor as rows (B·Ho·Wo, K), K in (g, i, j, c) order.
-
-    The channels are split into `groups` equal runs; column ((g·kh + i)·kw + j)·(C/groups) + c holds input channel
-    g·C/groups + c at kernel tap (i, j). Read from the channels-last copy of q (free when q is channels-last in
-    memory already, as the rotated input is), so the final copy moves runs of C/groups contiguous bytes.
-    """
-    nhwc = q.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
-    p = _patches(nhwc, kernel, stride, dilation, 1, 2)  # (B, Ho, Wo, C, kh, kw)
-    b, ho, wo, c, kh, kw = p.shape
-    p = p.unflatten(3, (groups, c // groups)).permute(0, 1, 2, 3, 5, 6, 4)  # (B, Ho, Wo, G, kh, kw, C/G)
-    return p.reshape(b * ho * wo, c * kh * kw), (ho, wo)
-
-
-def quantize_into_int8(h: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-    """`hqdm.quant_primitives.quantize(h, scale, zero_point, qmin, qmax)`, bit for bit, with one float temporary:
-    the same divide, round, add and clamp, the last three in place."""
-    q = h / scale
-    q.round_()
-    if zero_point is not None:
-        q.add_(zero_point.round())
-    return q.clamp_(qmin, qmax).to(torch.int8)
-
-
-def digits_dtype(k: int, a_bits: int, parts: int) -> torch.dtype:
-    """int32 when combining `parts` int8-digit accumulators of a K-long GEMM cannot overflow it, else int64.
-
-    Digit p's accumulator is at most K·2^(a_bits−1)·128 in magnitude and enters as acc_p·256^p, so every partial
-    sum of the combination is bounded by K·2^(a_bits−1)·128·Σ_p 256^p.
-    """
-    bound = k * 2 ** (a_bits - 1) * 128 * sum(qlayer.DIGIT_BASE**p for p in range(parts))
-    return torch.int32 if bound <= INT32_MAX else torch.int64
-
-
-def combine_digits(acc: Tensor, parts: int, dtype: torch.dtype) -> Tensor:
-    """Σ_p acc_p·256^p of the digit accumulators acc (M, P·N) int32, digit p in columns p·N..(p+1)·N: the
-    accumulator of the combined integer weight, exact in `dtype` (`digits_dtype`)."""
-    n = acc.shape[1] // parts
-    out = acc[:, (parts - 1) * n:].to(dtype)
-    for p in range(parts - 2, -1, -1):  # Horner: out·256 + acc_p
-        out = torch.add(acc[:, p * n:(p + 1) * n].to(dtype), out, alpha=qlayer.DIGIT_BASE)
-    return out
-
-
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def layer_state(name: str, record: dict, tensors: dict[str, Tensor]) -> qlayer.LayerState:
-    """The `hqdm.qlayer.LayerState` of one exported layer, from its manifest record and tensors."""
-
-    def get(role: str) -> Tensor | None:
-        key = record["tensors"].get(role)
-        if key is None:
-            return None
-        if key not in tensors:
-            raise ValueError(f"layer {name!r}: tensor {key!r} ({role}) is missing from {WEIGHTS_FILE}; re-export.")
-        return tensors[key]
-
-    cfg, act, wrec = record["config"], record["act"], record["weight"]
-    n, k = wrec["shape"]
-    w_int = qlayer.load_ints(get("w_int"))
-    if tuple(w_int.shape) != (n, k):
-        raise ValueError(f"layer {name!r}: stored weight unpacks to {tuple(w_int.shape)}, manifest says {(n, k)}.")
-    c_int = get("c_int")
-    return qlayer.LayerState(
-        kind=record["kind"], channel_dim=1 if record["kind"] == "conv2d" else -1, center=cfg["center"],
-        normalize=cfg["normalize"], rotation=cfg["rotation"],
-        hadamard=None if record["hadamard"] is None else HadamardSpec.from_dict(record["hadamard"]),
-        w_bits=cfg["w"]["bits"], w_int=w_int, w_scale=get("w_scale"), w_zero=get("w_zero"), a_bits=act["bits"],
-        a_symmetric=act["symmetric"], a_mode=act["mode"], timestep_buckets=act["timestep_buckets"],
-        num_train_timesteps=act["num_train_timesteps"], a_scale=get("a_scale"), a_zero=get("a_zero"),
-        bias=get("bias"), mu=get("mu"), sigma=get("sigma"), c_bits=cfg["correction_bits"],
-        c_int=None if c_int is None else qlayer.load_ints(c_int), c_scale=get("c_scale"), c_weight=get("c_weight"),
-        full_shape=tuple(wrec["full_shape"]), taps=record.get("taps", 1))
 
 
 class IntConvTranspose2d(IntConv2d):
@@ -366,7 +284,7 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     manifest = read_manifest(path)
     config = read_config(path, manifest)
     tensors = read_tensors(path, manifest)
-    model = _build(manifest, config)
+    model = build_model(manifest, config)
     _load_float_tensors(model, manifest, tensors)
     model.to(device)
     if dtype != next(model.parameters()).dtype:
@@ -380,27 +298,6 @@ def load_int(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     remember_adapter(model, adapter)  # hqdm.sampling.denoiser_of / quant_report call it as declared
     attach_timesteps(model, adapter.call.timestep_call(type(model).forward))
     return model.eval()
-
-
-def _build(manifest: dict, config: dict) -> nn.Module:
-    """The exported model class, rebuilt only through the allow-list (diffusers model classes, classes registered
-    with hqdm): a diffusers class from its config, another from the constructor arguments config.json holds;
-    attention modules that were split into quantized projections are split again."""
-    from hqdm import safe_io
-    from hqdm.mha import split_attention
-
-    cls = safe_io.model_class(manifest["model_class"])
-    if hasattr(cls, "from_config"):
-        model = cls.from_config(config)
-    else:
-        args = {k: v for k, v in config.items() if not k.startswith("_")}
-        try:
-            model = cls(**args)
-        except TypeError as err:
-            raise ValueError(f"{CONFIG_FILE} holds arguments {sorted(args)} that {manifest['model_class']} does not "
-                             f"take ({err}); the export and the registered class differ.") from err
-    split_attention(model, manifest.get("attention") or [])
-    return model
 
 
 def _load_float_tensors(model: nn.Module, manifest: dict, tensors: dict[str, Tensor]) -> None:

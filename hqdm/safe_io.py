@@ -182,6 +182,25 @@ def model_class(name: str) -> type[nn.Module]:
     return cls
 
 
+def model_class_name(cls: type[nn.Module]) -> str:
+    """The name `model_class` rebuilds `cls` by: a diffusers model class's own name, or the name it is registered by.
+
+    Raises:
+        ValueError: neither (a file could not name it, since hqdm imports nothing a file names).
+    """
+    if _diffusers_model(cls.__name__) is cls:
+        return cls.__name__
+    names = [name for name, klass in _REGISTERED.items() if klass is cls]
+    if names:
+        return names[0]
+    raise ValueError(
+        f"{cls.__module__}.{cls.__qualname__} is neither a diffusers model class nor registered with hqdm, so "
+        "load_int could not rebuild it (it imports nothing a file names). Register it first: "
+        "hqdm.register_adapter(Adapter(name=..., call=CallSpec(...)), classes=[YourModel]) or "
+        "hqdm.safe_io.register_model_class(YourModel)."
+    )
+
+
 def _diffusers_model(name: str) -> type[nn.Module] | None:
     import diffusers
 

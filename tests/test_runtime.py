@@ -14,12 +14,20 @@ from torch import nn
 import hqdm
 from hqdm.export import export_layer
 from hqdm.hadamard import HadamardSpec, rotation_matrix
-from hqdm.int_matmul import _int_mm_padded, int_mm, int_mm_reference
+from hqdm.int_matmul import (
+    _int_mm_padded,
+    combine_digits,
+    digits_dtype,
+    im2col,
+    im2col_channels_last,
+    int_mm,
+    int_mm_reference,
+)
 from hqdm.layers import QuantLayer
 from hqdm.metrics import sqnr_db
 from hqdm.qlayer import fold_hadamard_int, gemm_weight, split_int8
-from hqdm.quant_primitives import dequantize, pack_int4, quantize, unpack_int4
-from hqdm.runtime import combine_digits, digits_dtype, im2col, im2col_channels_last, int_layer, quantize_into_int8
+from hqdm.quant_primitives import dequantize, pack_int4, quantize, quantize_into_int8, unpack_int4
+from hqdm.runtime import int_layer
 
 LAYER_SQNR_FLOOR_DB = 80.0
 """Integer layer vs its fake-quant twin on one input: the same integers on both paths, only float32 summation
