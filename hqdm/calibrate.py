@@ -7,6 +7,10 @@ Three passes over the calibration batches, all with every quantizer off (each la
 3. per-bucket squared error of every clipping ratio in the MSE grid -> the step-size table.
 
 Weight step sizes are searched again afterwards, since σ folding changed the weights.
+
+Under torch.distributed (more than one process) every rank calls `calibrate` on its own share of the batches and
+each pass's accumulators are all-reduced before they are used (sums, counts and squared errors summed, ranges
+taken as min / max): every rank ends with the same state, the state one process reaches on all shares together.
 """
 
 from __future__ import annotations
@@ -104,6 +108,22 @@ def _reduce_into(dst: Tensor, idx: Tensor, src: Tensor, how: str) -> None:
     dst.scatter_reduce_(0, idx.reshape(-1, *[1] * (src.dim() - 1)).expand_as(src), src, how)
 
 
+def _all_reduce(tensors: list[Tensor], how: str) -> None:
+    """Reduce CPU accumulators in place across the default process group ('sum', 'min', 'max'); a no-op in one
+    process. NCCL reduces device tensors only, so the accumulators travel to the rank's GPU and back."""
+    import torch.distributed as dist
+
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[how]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for t in tensors:
+        moved = t if device is None else t.to(device)
+        dist.all_reduce(moved, op=op)
+        if moved is not t:
+            t.copy_(moved.cpu())
+
+
 def _run(model, batches, adapter, hooks: dict[QuantLayer, callable], desc: str, progress: bool) -> None:
     handles = [layer.register_forward_pre_hook(lambda m, args, fn=fn: fn(m, args[0])) for layer, fn in hooks.items()]
     try:
@@ -115,7 +135,7 @@ def _run(model, batches, adapter, hooks: dict[QuantLayer, callable], desc: str, 
             h.remove()
 
 
-def _stats_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, LayerStats]:
+def _stats_pass(model, batches, adapter, layers, progress, sync) -> dict[QuantLayer, LayerStats]:
     stats = {layer: LayerStats.empty(_n_buckets(layer), layer.in_width) for layer in layers}
 
     def hook(layer: QuantLayer, x: Tensor) -> None:
@@ -130,6 +150,13 @@ def _stats_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, L
         _reduce_into(s.absmax, idx, v.abs().amax(1).cpu(), "amax")
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: statistics", progress)
+    if sync:
+        _all_reduce([t for s in stats.values() for t in (s.count, s.sum, s.sum_sq, s.sum_sq_centered)], "sum")
+        _all_reduce([s.absmax for s in stats.values()], "max")
+        flags = [torch.tensor([s.per_sample], dtype=torch.uint8) for s in stats.values()]
+        _all_reduce(flags, "max")  # a rank whose share never reached a layer learns how the others measured σ
+        for s, flag in zip(stats.values(), flags):
+            s.per_sample = bool(flag)
     return stats
 
 
@@ -144,7 +171,7 @@ def _apply_stats(layer: QuantLayer, stats: LayerStats) -> None:
             layer.fold_sigma(std.clamp_min(SIGMA_FLOOR * std.max().clamp_min(1e-12)).to(layer.sigma))
 
 
-def _range_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, tuple[Tensor, Tensor]]:
+def _range_pass(model, batches, adapter, layers, progress, sync) -> dict[QuantLayer, tuple[Tensor, Tensor]]:
     ranges = {}
     for layer in layers:
         shape = layer.a_quant.scale.shape
@@ -158,6 +185,9 @@ def _range_pass(model, batches, adapter, layers, progress) -> dict[QuantLayer, t
         _reduce_into(ranges[layer][1], idx, hi.cpu(), "amax")
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: ranges", progress)
+    if sync:
+        _all_reduce([lo for lo, _ in ranges.values()], "min")
+        _all_reduce([hi for _, hi in ranges.values()], "max")
     return {layer: _fill_unseen(lo, hi) for layer, (lo, hi) in ranges.items()}
 
 
@@ -175,7 +205,7 @@ def _nearest_seen(seen: Tensor) -> Tensor:
     return pos[(torch.arange(seen.shape[0])[:, None] - pos[None]).abs().argmin(1)]
 
 
-def _mse_pass(model, batches, adapter, layers, ranges, progress) -> None:
+def _mse_pass(model, batches, adapter, layers, ranges, progress, sync) -> None:
     errors = {layer: torch.zeros(layer.a_quant.scale.shape[0], len(MSE_GRID), *layer.a_quant.scale.shape[1:],
                                  dtype=torch.float64) for layer in layers}
     seen = {layer: torch.zeros(layer.a_quant.scale.shape[0], dtype=torch.bool) for layer in layers}
@@ -188,6 +218,11 @@ def _mse_pass(model, batches, adapter, layers, ranges, progress) -> None:
         seen[layer][idx.cpu()] = True
 
     _run(model, batches, adapter, {layer: hook for layer in layers}, "calibrate: MSE search", progress)
+    if sync:
+        _all_reduce(list(errors.values()), "sum")
+        flags = [v.to(torch.uint8) for v in seen.values()]
+        _all_reduce(flags, "max")
+        seen = {layer: f.bool() for layer, f in zip(seen, flags)}
     for layer in layers:
         q, (lo, hi) = layer.a_quant, ranges[layer]
         err = errors[layer][_nearest_seen(seen[layer])]  # unseen buckets: the nearest seen bucket's choice
@@ -201,6 +236,7 @@ def calibrate(
     batches: Iterable,
     family: str = "auto",
     progress: bool = True,
+    sync: bool = True,
 ) -> dict[str, LayerStats]:
     """Initialize μ, σ and every static step size of a prepared model from real forward calls.
 
@@ -211,6 +247,9 @@ def calibrate(
             tuples for generic models. Iterated three times.
         family: adapter used to call the model ('auto' detects it from the class).
         progress: show a progress bar per pass.
+        sync: under torch.distributed with more than one process, all-reduce each pass's accumulators, so every
+            rank (each calibrating on its own share of the batches) ends with the state of all shares together;
+            every rank must then call `calibrate`. False calibrates each rank on its own batches alone.
 
     Returns:
         Per-layer input statistics (per timestep bucket: count, sum, sum of squares, absmax), by module name.
@@ -227,13 +266,13 @@ def calibrate(
     enabled = {q: q.enabled for layer in layers for q in layer.quantizers()}
     set_quantizers_enabled(model, False)
     try:
-        stats = _stats_pass(model, batches, adapter, layers, progress)
+        stats = _stats_pass(model, batches, adapter, layers, progress, sync)
         for layer in layers:
             _apply_stats(layer, stats[layer])
         static = [layer for layer in layers if layer.a_quant is not None and not layer.a_quant.spec.dynamic]
         if static:
-            ranges = _range_pass(model, batches, adapter, static, progress)
-            _mse_pass(model, batches, adapter, static, ranges, progress)
+            ranges = _range_pass(model, batches, adapter, static, progress, sync)
+            _mse_pass(model, batches, adapter, static, ranges, progress, sync)
         for layer in layers:
             if layer.w_quant is not None:
                 layer.w_quant.init_from_weight(layer.effective_weight())

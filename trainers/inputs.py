@@ -3,7 +3,10 @@
     real data {x, y?, context?, pooled?} ──noise at t (random, or given), labels dropped (one mask)──▶ inputs
     trajectory rows {x_t, t, y, target, context?, pooled?}  ──as recorded──────────────────────────────▶ inputs
 
-One draw serves both models: the teacher and the student see the same noise, timesteps and dropped labels.
+One draw serves both models: the teacher and the student see the same noise, timesteps and dropped labels. Under
+data parallelism every rank draws for the global batch and keeps its own rows (`shard`): rank r of W holds rows
+r, r + W, ... of the global batch, as Lightning's distributed sampler deals them out, so W processes of batch B
+draw what one process of batch W·B draws.
 Noising follows the model's call declaration (`hqdm.call.CallSpec`): index time on a diffusion path is diffusers'
 DDPM forward process; continuous time draws t uniformly in [0, time_max], and a flow path mixes
 x_σ = (1 − σ)·x0 + σ·ε (rectified flow / flow matching) with the target the call's prediction of (x0, ε).
@@ -20,11 +23,15 @@ from hqdm.trainers.evaluation import stratified_timesteps
 from hqdm.trainers.options import Diffusion
 
 
-def drop_labels(y: Tensor, p: float, null_class: int | None, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each label by the null class with probability p (classifier-free-guidance dropout), one mask."""
+def drop_labels(y: Tensor, p: float, null_class: int | None, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """Replace each label by the null class with probability p (classifier-free-guidance dropout), one mask drawn
+    for the global batch (`shard`: this rank's rows of it, see `DiffusionInputs.shard`)."""
     if null_class is None or p <= 0:
         return y
-    mask = torch.rand(y.shape, generator=generator, device=generator.device if generator is not None else y.device) < p
+    rank, world = shard
+    device = generator.device if generator is not None else y.device
+    mask = torch.rand((y.shape[0] * world, *y.shape[1:]), generator=generator, device=device)[rank::world] < p
     return torch.where(mask.to(y.device), torch.full_like(y, null_class), y)
 
 
@@ -55,6 +62,9 @@ class DiffusionInputs:
                 f": the diffusion sampler steps the model's own prediction; set diffusion.prediction_type: "
                 f"{self.call.prediction}.")
         self.prediction = diffusion.prediction_type if self.classic else self.call.prediction
+        self.shard = (0, 1)
+        """(rank, world size): every draw is made for the global batch of world × the local one, and this rank
+        keeps rows rank, rank + world, ... (DistillModule sets it for data-parallel runs)."""
 
     def __call__(self, batch: dict, generator: torch.Generator | None = None, timesteps: Tensor | None = None,
                  dropout: bool = True) -> dict:
@@ -65,13 +75,16 @@ class DiffusionInputs:
             return {"x_t": batch["x_t"], "t": t if t.is_floating_point() else t.long(), "y": batch["y"].long(),
                     "target": batch["target"], "context": batch.get("context"), "pooled": batch.get("pooled")}
         x0 = batch["x"]
-        n, device = x0.shape[0], x0.device
+        (n, *shape), device, (rank, world) = x0.shape, x0.device, self.shard
         y = batch["y"].long() if "y" in batch else torch.zeros(n, dtype=torch.long, device=device)
         gen_device = generator.device if generator is not None else device
-        t = timesteps if timesteps is not None else self.random_timesteps(n, generator, gen_device).to(device)
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
+        if timesteps is None:
+            timesteps = self.random_timesteps(n * world, generator, gen_device)[rank::world]
+        t = timesteps.to(device)
+        noise = torch.randn((n * world, *shape), generator=generator, device=gen_device, dtype=x0.dtype)
+        noise = noise[rank::world].to(device)
         if dropout:
-            y = drop_labels(y, self.label_dropout, self.null_class, generator)
+            y = drop_labels(y, self.label_dropout, self.null_class, generator, self.shard)
         if self.classic:
             x_t = self.noise_scheduler.add_noise(x0, noise, t)
         else:
@@ -98,12 +111,12 @@ class DiffusionInputs:
     def stratified(self, batch: dict, buckets: int, generator: torch.Generator, offset: int = 0,
                    dropout: bool = False) -> dict:
         """Seeded inputs: trajectory rows as they are; real data with t stratified over `buckets` (from bucket
-        `offset`), noise and label dropout (if `dropout`) drawn from `generator`."""
+        `offset` of the global batch), noise and label dropout (if `dropout`) drawn from `generator`."""
         if "x_t" in batch:
             return self(batch)
-        x = batch["x"]
-        t = stratified_timesteps(x.shape[0], buckets, self.diffusion.num_train_timesteps, generator, offset)
-        t = self.model_timesteps(t)
+        x, (rank, world) = batch["x"], self.shard
+        t = stratified_timesteps(x.shape[0] * world, buckets, self.diffusion.num_train_timesteps, generator, offset)
+        t = self.model_timesteps(t[rank::world])
         return self(batch, generator, (t.float() if t.is_floating_point() else t).to(x.device), dropout=dropout)
 
     def diffusion_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -261,6 +261,10 @@ class DistillModule(LightningModule):
         if self.teacher is not None:
             checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
+    def setup(self, stage: str) -> None:
+        """Data-parallel runs draw every step's noise for the global batch and keep this rank's rows."""
+        self.inputs.shard = (self.global_rank, self.trainer.world_size)
+
     # ---- calibration (PTQ start) --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """PTQ-calibrate a fresh student; a resumed one is calibrated already (its flags are checkpointed buffers)."""
@@ -297,13 +301,21 @@ class DistillModule(LightningModule):
 
     @torch.no_grad()
     def calibration_batches(self, loader, count: int) -> list[dict]:
-        """`count` batches {x, t, y} for hqdm.calibrate, timesteps stratified over the scale-table buckets."""
+        """`count` batches {x, t, y} for hqdm.calibrate, timesteps stratified over the scale-table buckets.
+
+        Under data parallelism (`DiffusionInputs.shard` = (rank, W)) the first `count`·W loader batches form
+        `count` global batches and this rank keeps rows rank, rank + W, ... of each: the ranks' shares together
+        are the batches one process of W times the batch size calibrates on (`calibrate` all-reduces them)."""
         generator = torch.Generator().manual_seed(self.evaluator.options.seed)
         buckets = self.quant.timestep_buckets if self.quant else self.evaluator.options.buckets
+        rank, world = self.inputs.shard
+        raw = [move_data_to_device(b, self.device) for _, b in zip(range(count * world), loader)]
         out = []
-        for i, batch in zip(range(count), loader):
-            batch = move_data_to_device(batch, self.device)
-            offset = i * len(batch["x"]) if "x" in batch else 0
+        for i in range(0, len(raw), world):
+            group = raw[i:i + world]
+            batch = group[0] if world == 1 else {
+                k: None if v is None else torch.cat([b[k] for b in group])[rank::world] for k, v in group[0].items()}
+            offset = (i // world) * len(batch["x"]) * world if "x" in batch else 0  # of the global batch
             inputs = self.inputs.stratified(batch, buckets, generator, offset, dropout=True)
             out.append({"x": inputs["x_t"], "t": inputs["t"], "y": inputs["y"], "context": inputs["context"],
                         "pooled": inputs["pooled"]})
@@ -350,8 +362,9 @@ class DistillModule(LightningModule):
 
     def step_generator(self, device: torch.device) -> torch.Generator:
         """The generator of one training step's timesteps, noise and label dropout: seeded by the run's seed
-        (`seed_everything`), the global step and the rank, so a resumed run draws what the uninterrupted one did."""
-        seed = (torch.initial_seed() + 1_000_003 * self.global_step + 7919 * self.global_rank) % 2**63
+        (`seed_everything`) and the global step, so a resumed run draws what the uninterrupted one did; every rank
+        draws for the global batch and keeps its rows (`DiffusionInputs.shard`)."""
+        seed = (torch.initial_seed() + 1_000_003 * self.global_step) % 2**63
         return torch.Generator(device=device).manual_seed(seed)
 
     def step_loss(self, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
@@ -366,10 +379,10 @@ class DistillModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         inputs = self.inputs(batch, self.step_generator(self.device))
         loss, parts = self.step_loss(inputs)
-        n = inputs["x_t"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        n, sync = inputs["x_t"].shape[0], self.trainer.world_size > 1  # the loss of the global batch, logged once
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=sync)
         for name, value in parts.items():
-            self.log(f"train/{name}", value, batch_size=n)
+            self.log(f"train/{name}", value, batch_size=n, sync_dist=sync)
         return loss
 
     # ---- evaluation (hqdm.trainers.validation.Evaluator) --------------------------------------------------------
