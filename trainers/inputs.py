@@ -4,9 +4,8 @@
     trajectory rows {x_t, t, y, target, context?, pooled?}  ──as recorded──────────────────────────────▶ inputs
 
 One draw serves both models: the teacher and the student see the same noise, timesteps and dropped labels. Under
-data parallelism every rank draws for the global batch and keeps its own rows (`shard`): rank r of W holds rows
-r, r + W, ... of the global batch, as Lightning's distributed sampler deals them out, so W processes of batch B
-draw what one process of batch W·B draws.
+data parallelism every rank draws for the global batch and keeps its own rows (`shard`): rank r of W keeps rows
+r, r + W, ... of the draw, so W processes of batch B draw together what one process draws for batch W·B.
 Noising follows the model's call declaration (`hqdm.call.CallSpec`): index time on a diffusion path is diffusers'
 DDPM forward process; continuous time draws t uniformly in [0, time_max], and a flow path mixes
 x_σ = (1 − σ)·x0 + σ·ε (rectified flow / flow matching) with the target the call's prediction of (x0, ε).
