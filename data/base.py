@@ -6,12 +6,14 @@ the trajectory one yields ``{"x_t", "t", "y", "target"}``. ``test`` and ``predic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def check_positive(name: str, value: int) -> None:
@@ -71,25 +73,38 @@ class ArrowRows(Dataset):
         return {key: row[column] for column, key in self.keys.items()}
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A shuffle that is a function of (seed, epoch) alone, so a resumed run draws every epoch's order again.
 
-    Lightning calls `set_epoch` at the start of every epoch (as for a DistributedSampler); iterated without it,
-    every pass repeats epoch 0's order.
+    Lightning calls `set_epoch` at the start of every epoch; iterated without it, every pass repeats epoch 0's
+    order. Under torch.distributed it deals the order out itself: rank r of W takes positions r, r + W, ... (the
+    order padded with its first entries to a multiple of W), so batch i of every rank together is batch i of one
+    process at W times the batch size. Being a DistributedSampler, Lightning does not wrap (and reshuffle) it.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int) -> None:  # no DistributedSampler.__init__: the group is read per epoch
+        self.n, self.seed, self.epoch, self.shuffle, self.drop_last = n, seed, 0, True, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def num_replicas(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n / self.num_replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(self.n, generator=generator).tolist()
+        order = torch.randperm(self.n, generator=generator).tolist()
+        world = self.num_replicas
+        order += order[:len(self) * world - self.n]
+        yield from order[self.rank::world]
 
 
 class ResumableLoader(DataLoader):
@@ -130,8 +145,8 @@ class SplitDataModule(LightningDataModule):
     """Base datamodule: subclasses fill ``train_set`` / ``val_set`` in ``setup``; this class serves the loaders.
 
     The train loader shuffles each epoch by (``seed``, epoch) and resumes mid-epoch (`EpochShuffle`,
-    `ResumableLoader`; Lightning wraps the sampler for DDP); the val, test and predict loaders all read the
-    validation split in order.
+    `ResumableLoader`; the sampler deals the order out to DDP ranks itself); the val, test and predict loaders all
+    read the validation split in order.
     """
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:

@@ -1,25 +1,39 @@
 """Data parallelism on the CPU (gloo, two processes): calibration on the ranks' shares gives every rank the state
 one process reaches on all of them, and each rank draws its rows of the global batch's noise, timesteps and label
-dropout (what one process draws for the whole batch)."""
+dropout (what one process draws for the whole batch), and a DDP fit of two processes at batch B follows the
+one-process fit at batch 2·B."""
 
 from __future__ import annotations
 
+import copy
+import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from conftest import make_batches
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
+from test_cli import TINY_RUN
 
 import hqdm
 from hqdm.config import PRESETS
+from hqdm.safe_io import safe_load
 from hqdm.trainers.source import asset_path
 
 CALIBRATION_RTOL = 1e-6
 """Shares' float64 sums, reduced in another order than one process adds them: equal to ~1e-15, then float32."""
+FIT_RTOL, FIT_ATOL = 1e-3, 1e-5
+"""Two processes against one after four AdamW steps: the same mean gradients, averaged in another float32 order
+(~1e-7 relative), which Adam's normalized first steps can amplify on tiny entries."""
+LOSS_RTOL = 1e-4
+"""The same per-step loss (the ranks' means averaged vs one mean over the global batch), float32 order."""
 # ------------------------------------------------------------------------------------------------- calibration
 def _student(kind: str):
     teacher = DiTTransformer2DModel.from_pretrained(asset_path("digits_dit")).eval()
@@ -95,3 +109,44 @@ def test_each_rank_draws_its_rows_of_the_global_batch(stratified):
             assert torch.equal(mine[key], whole[key][rank::2]), (rank, key)
         inputs.shard = (0, 1)
     assert (whole["y"] == 10).any() and (whole["y"] != 10).any()
+
+
+# ------------------------------------------------------------------------------------------------- fits
+def _fit(cwd: Path, name: str, args: list[str]) -> Path:
+    """`hqdm fit` of the tiny W4A4 DiT (4 steps, label dropout) in a fresh process; returns its version folder."""
+    run = copy.deepcopy(TINY_RUN)
+    run["trainer"].update({"max_steps": 4, "limit_train_batches": 8, "limit_val_batches": 1})
+    run["trainer"]["logger"]["init_args"]["name"] = name
+    run["model"].update({"label_dropout": 0.25, "calibration_batches": 2})
+    (cwd / f"{name}.yaml").write_text(yaml.safe_dump(run))
+    cmd = [sys.executable, "-m", "hqdm.trainers.cli", "fit", "--config", f"{name}.yaml", *args]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cwd / "runs" / name / "version_0"
+
+
+def _student_state(run: Path) -> dict[str, torch.Tensor]:
+    state = safe_load(next((run / "checkpoints").glob("*step=4.ckpt")))["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.") and torch.is_tensor(v)}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_ddp_with_two_processes_follows_the_one_process_fit(tmp_path):
+    """Two processes at batch 4 see the global batches, noise, timesteps and dropped labels of one process at
+    batch 8, so the loss at every step and the final student (weights, step sizes, tables) match."""
+    one = _fit(tmp_path, "one", ["--data.init_args.batch_size", "8"])
+    two = _fit(tmp_path, "two", ["--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                 "--data.init_args.batch_size", "4"])
+    la, lb = _losses(one), _losses(two)
+    assert la.keys() == lb.keys() and len(la) == 4
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=LOSS_RTOL), (step, la[step], lb[step])
+    sa, sb = _student_state(one), _student_state(two)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=FIT_RTOL, atol=FIT_ATOL, msg=key)

@@ -303,19 +303,16 @@ class DistillModule(LightningModule):
     def calibration_batches(self, loader, count: int) -> list[dict]:
         """`count` batches {x, t, y} for hqdm.calibrate, timesteps stratified over the scale-table buckets.
 
-        Under data parallelism (`DiffusionInputs.shard` = (rank, W)) the first `count`·W loader batches form
-        `count` global batches and this rank keeps rows rank, rank + W, ... of each: the ranks' shares together
-        are the batches one process of W times the batch size calibrates on (`calibrate` all-reduces them)."""
+        Under data parallelism (`DiffusionInputs.shard` = (rank, W)) the train loader deals rank r the rows r,
+        r + W, ... of each global batch (`hqdm.data.base.EpochShuffle`) and the draws keep the same rows: the
+        ranks' shares together are the batches one process of W times the batch size calibrates on (`calibrate`
+        all-reduces them)."""
         generator = torch.Generator().manual_seed(self.evaluator.options.seed)
         buckets = self.quant.timestep_buckets if self.quant else self.evaluator.options.buckets
-        rank, world = self.inputs.shard
-        raw = [move_data_to_device(b, self.device) for _, b in zip(range(count * world), loader)]
         out = []
-        for i in range(0, len(raw), world):
-            group = raw[i:i + world]
-            batch = group[0] if world == 1 else {
-                k: None if v is None else torch.cat([b[k] for b in group])[rank::world] for k, v in group[0].items()}
-            offset = (i // world) * len(batch["x"]) * world if "x" in batch else 0  # of the global batch
+        for i, batch in zip(range(count), loader):
+            batch = move_data_to_device(batch, self.device)
+            offset = i * len(batch["x"]) * self.inputs.shard[1] if "x" in batch else 0  # of the global batch
             inputs = self.inputs.stratified(batch, buckets, generator, offset, dropout=True)
             out.append({"x": inputs["x_t"], "t": inputs["t"], "y": inputs["y"], "context": inputs["context"],
                         "pooled": inputs["pooled"]})
