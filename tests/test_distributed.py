@@ -34,6 +34,8 @@ FIT_RTOL, FIT_ATOL = 1e-3, 1e-5
 (~1e-7 relative), which Adam's normalized first steps can amplify on tiny entries."""
 LOSS_RTOL = 1e-4
 """The same per-step loss (the ranks' means averaged vs one mean over the global batch), float32 order."""
+
+
 # ------------------------------------------------------------------------------------------------- calibration
 def _student(kind: str):
     teacher = DiTTransformer2DModel.from_pretrained(asset_path("digits_dit")).eval()
