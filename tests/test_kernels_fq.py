@@ -471,3 +471,23 @@ def test_gpu_weight_at_model_size():
     gr = torch.autograd.grad(ref, [w, s], g.to(torch.bfloat16).float())
     assert torch.equal(gk[0], torch.where(gr[0] != 0, g.to(torch.bfloat16).float(), 0.0))
     assert_close_rel(gk[1], gr[1], REDUCE_TOL, "∂/∂s")
+
+
+@gpu
+@compiled_only
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_fused_activation_fake_quant_compiles_in_one_graph(backend):
+    """The compiled QAT step traces the fused kernel (torch.compile fullgraph): float32 output and gradients are
+    the eager call's, bit for bit."""
+    x = torch.randn(4, 256, 1152, device="cuda", requires_grad=True)
+    s = torch.full((4,), 0.1, device="cuda", requires_grad=True)
+
+    def f(x, s):
+        return fq.fake_quant_act(x, s, qmin=-8, qmax=7, rotation="none").square().sum()
+
+    want = f(x, s)
+    grads = torch.autograd.grad(want, (x, s))
+    got = torch.compile(f, fullgraph=True, backend=backend)(x, s)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, (x, s)), grads, strict=True):
+        assert torch.equal(g, w)

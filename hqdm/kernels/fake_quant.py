@@ -87,8 +87,9 @@ def weight_fusable(spec) -> bool:
 
 
 def _interpreting() -> bool:
-    """True when triton's CPU interpreter built these kernels (TRITON_INTERPRET=1 before this module's import)."""
-    return type(_act_fwd_kernel).__name__ == "InterpretedFunction"
+    """True when triton's CPU interpreter built these kernels (TRITON_INTERPRET=1 before this module's import): a
+    constant read once, which torch.compile traces (it cannot trace the type test itself)."""
+    return INTERPRETING
 
 
 def _rne_bits(dtype: torch.dtype) -> bool:
@@ -318,6 +319,10 @@ def _signs_on(spec: HadamardSpec, device: torch.device) -> Tensor | None:
     with torch.inference_mode(False):
         s = signs(spec)
         return None if s is None else s.to(device=device, dtype=torch.float32)
+
+
+INTERPRETING = type(_act_fwd_kernel).__name__ == "InterpretedFunction"
+"""Whether triton's CPU interpreter built the kernels above (see `_interpreting`)."""
 
 
 @dataclass(frozen=True)
