@@ -14,6 +14,12 @@ The run root is the folder that holds a run's versions, not a version folder: th
 (schedule, sampler, steps, guidance), the label dropout, and this module's ``num_samples``,
 ``generate_batch_size`` and ``seed``. Any change gets its own cache; an unchanged run never samples twice.
 ``batch_size`` and ``val_fraction`` only split and serve the rows, so they are not part of it.
+
+A data-parallel run samples in ``setup`` on every process: process r of W draws the generate batches k with
+k % W == r into a part folder, and one process merges the parts in batch order into the cache, which holds the
+rows one process samples. With ``prepare_data_per_node`` (Lightning's default) the processes of each node share the
+work and each node writes its own cache, as ``prepare_data`` would; set it False when the run root is on a file
+system all nodes share, and all processes share the work.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -29,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from hqdm.data.base import SplitDataModule, check_positive
-from hqdm.data.cache import is_cache, read_meta
+from hqdm.data.cache import is_cache, load_cache, read_meta
 from hqdm.data.trajectories import open_trajectories, write_trajectory_cache
 
 CACHE_FOLDER = "trajectories"
@@ -46,9 +53,11 @@ class TrajectorySampler(Protocol):
         """JSON-serializable facts the rows depend on besides the counts and the seed (teacher, schedule, ...)."""
 
     def rows(self, num_samples: int, batch_size: int, seed: int, device: torch.device | None,
-             progress: bool, prompts=None) -> Iterator[dict[str, Tensor]]:
+             progress: bool, prompts=None, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
         """Batches of rows ``{x_t, t, y, target}`` on the CPU, the same for the same arguments; with `prompts`
-        (``hqdm.data.text.PromptEmbeds``, passed only when the module has them) rows add ``context`` / ``pooled``."""
+        (``hqdm.data.text.PromptEmbeds``, passed only when the module has them) rows add ``context`` / ``pooled``.
+        `share` (index, count), passed only by data-parallel runs: the rows of the generate batches k with
+        k % count == index alone, each batch the same as in the whole (every sample gives the same number of rows)."""
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -148,23 +157,29 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         return os.path.join(root, CACHE_FOLDER, recipe_hash(self.recipe()))
 
     def prepare_data(self) -> None:
-        """Sample the teacher into the cache unless it holds this recipe's rows already."""
+        """Sample the teacher into the cache unless it holds this recipe's rows already (a data-parallel run samples
+        in ``setup`` instead, every process its share)."""
         path, recipe = self.cache_path(), self.recipe()
         if is_cache(path):
             check_recipe(path, recipe)
             return
+        if self._distributed():
+            return
         sampler = self._sampler()
         rank_zero_info(f"hqdm: sampling {self.num_samples} teacher trajectories -> {path}")
         device = self.trainer.strategy.root_device if self.trainer is not None else None
-        kwargs = {} if self.prompt_embeds is None else {"prompts": self.prompts()}
-        rows = sampler.rows(self.num_samples, self.generate_batch_size, self.seed, device, self.progress, **kwargs)
+        rows = sampler.rows(self.num_samples, self.generate_batch_size, self.seed, device, self.progress,
+                            **self._prompt_kwargs())
         write_trajectory_cache(path, rows, {"num_classes": sampler.num_labels, "recipe": recipe})
 
     def setup(self, stage: str | None = None) -> None:
-        """Serve the cached rows (``prepare_data``, which a Trainer calls first, samples them)."""
+        """Serve the cached rows (``prepare_data``, which a Trainer calls first, samples them; a data-parallel run
+        samples here, see the module docstring)."""
         if self.train_set is not None:
             return
         path = self.cache_path()
+        if self._distributed() and self.trainer.strategy.reduce_boolean_decision(not is_cache(path), all=False):
+            self._sample_shared(path)
         if not is_cache(path):
             raise FileNotFoundError(
                 f"{path} holds no teacher trajectories of this recipe; call prepare_data() first (a Trainer does) "
@@ -173,6 +188,64 @@ class TeacherTrajectoryDataModule(SplitDataModule):
         check_recipe(path, self.recipe())
         self.meta, self.train_set, self.val_set = open_trajectories(path, self.val_fraction, self.seed)
         self.num_classes = self.meta["num_classes"]
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def _num_batches(self) -> int:
+        return -(-self.num_samples // self.generate_batch_size)
+
+    def _prompt_kwargs(self) -> dict:
+        return {} if self.prompt_embeds is None else {"prompts": self.prompts()}
+
+    def _sample_shared(self, path: str) -> None:
+        """Every process samples its share of the generate batches into a part; one per node (or one in all, with
+        prepare_data_per_node False) merges the parts in batch order into `path`. Every process must call it."""
+        trainer, recipe = self.trainer, self.recipe()
+        if self.prepare_data_per_node:
+            share, writer, group = (trainer.local_rank, trainer.num_devices), trainer.local_rank == 0, trainer.node_rank
+        else:
+            share, writer, group = (trainer.global_rank, trainer.world_size), trainer.global_rank == 0, 0
+        parts = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.parts-{group}")
+        part = os.path.join(parts, f"{share[0]}-of-{share[1]}")
+        sampler = self._sampler()
+        rank_zero_info(f"hqdm: sampling {self.num_samples} teacher trajectories -> {path} ({share[1]} processes "
+                       "share the generate batches)")
+        shutil.rmtree(part, ignore_errors=True)  # what an interrupted run left
+        if share[0] < self._num_batches():  # more processes than batches: the last ones have none
+            rows = sampler.rows(self.num_samples, self.generate_batch_size, self.seed, trainer.strategy.root_device,
+                                self.progress and trainer.global_rank == 0, share=share, **self._prompt_kwargs())
+            write_trajectory_cache(part, rows, {"num_classes": sampler.num_labels, "recipe": recipe, "share": share})
+        trainer.strategy.barrier("hqdm_trajectory_parts")
+        if writer:
+            try:
+                if not is_cache(path):  # another node may have written it on a shared file system
+                    write_trajectory_cache(path, self._merged(parts, share[1]),
+                                           {"num_classes": sampler.num_labels, "recipe": recipe})
+            finally:
+                shutil.rmtree(parts, ignore_errors=True)
+        trainer.strategy.barrier("hqdm_trajectory_cache")
+
+    def _merged(self, parts: str, count: int) -> Iterator[dict[str, Tensor]]:
+        """The parts' rows in generate-batch order: batch k is the (k // count)-th batch of part k % count, and every
+        sample gives the same number of rows (checked)."""
+        b, n = self.generate_batch_size, self.num_samples
+        sizes = [min(b, n - k * b) for k in range(self._num_batches())]
+        used = min(count, len(sizes))
+        tables = [load_cache(os.path.join(parts, f"{i}-of-{count}"))[0].with_format("numpy") for i in range(used)]
+        samples = [sum(sizes[i::count]) for i in range(used)]
+        per_sample = {len(t) / s for t, s in zip(tables, samples)}
+        if len(per_sample) != 1 or not float(next(iter(per_sample))).is_integer():
+            raise ValueError(
+                f"the trajectory parts under {parts} hold {[len(t) for t in tables]} rows for {samples} samples: "
+                "the sampler gives a different number of rows per sample; sample on one process."
+            )
+        rows_per_sample, starts = int(per_sample.pop()), [0] * used
+        for k, size in enumerate(sizes):
+            i, rows = k % count, size * rows_per_sample
+            chunk = tables[i][starts[i]:starts[i] + rows]
+            starts[i] += rows
+            yield {key: torch.from_numpy(value) for key, value in chunk.items()}
 
     def prompts(self):
         """The cached prompt embeddings (``hqdm.data.text.PromptEmbeds``), read once."""
