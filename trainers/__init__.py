@@ -3,11 +3,11 @@
 from importlib import import_module
 
 _EXPORTS = {"DistillModule": "hqdm.trainers.module", "Diffusion": "hqdm.trainers.options",
-            "Evaluation": "hqdm.trainers.options", "Loss": "hqdm.trainers.options",
+            "Evaluation": "hqdm.trainers.options", "FSDP": "hqdm.trainers.parallel", "Loss": "hqdm.trainers.options",
             "ModelSource": "hqdm.trainers.source"}
 """Public name -> defining module, imported on first use: `hqdm --help` must not wait for Lightning."""
 
-__all__ = ["Diffusion", "DistillModule", "Evaluation", "Loss", "ModelSource"]
+__all__ = ["FSDP", "Diffusion", "DistillModule", "Evaluation", "Loss", "ModelSource"]
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from lightning.pytorch import Callback
 from hqdm.config import QuantConfig, Rule
 from hqdm.safe_io import check_finite, safe_load
 from hqdm.trainers.options import Diffusion, Evaluation, Loss
+from hqdm.trainers.parallel import SHARDED_CHECKPOINT, local
 from hqdm.trainers.source import ModelSource
 
 CHECKPOINT_GLOBALS = (ModelSource, QuantConfig, Rule, Diffusion, Loss, Evaluation)
@@ -36,8 +37,13 @@ def load_checkpoint(path: str, what: str = "--ckpt_path", mmap: bool = True) -> 
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file holds other Python objects, is unreadable, or is no checkpoint of `hqdm fit`.
+        ValueError: the file holds other Python objects, is unreadable, or is no checkpoint of `hqdm fit`; the path
+            is a folder (a sharded torch.distributed.checkpoint one, or any other).
     """
+    if os.path.isdir(path):
+        sharded = os.path.isfile(os.path.join(path, ".metadata"))
+        raise ValueError(f"{what} {path!r} " + (SHARDED_CHECKPOINT if sharded else (
+            "is a folder, not a checkpoint file; point at a .ckpt file under runs/<name>/version_N/checkpoints/.")))
     ckpt = safe_load(path, CHECKPOINT_GLOBALS, what, mmap=mmap)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(ckpt.get("state_dict") if isinstance(ckpt, dict) else None, Mapping) or not (
@@ -89,7 +95,8 @@ class FiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses, self._losses = self._losses, []
         grads = [] if getattr(trainer.precision_plugin, "scaler", None) is not None else [
-            p.grad for p in pl_module.parameters() if p.grad is not None]
+            g for g in (local(p.grad) for p in pl_module.parameters() if p.grad is not None)
+            if g.numel()]  # this rank's shard (FSDP may leave it empty): the ranks agree below
         flags = [torch.isfinite(x).all() for x in losses]
         if grads:
             device = grads[0].device
@@ -109,7 +116,8 @@ class FiniteGuard(Callback):
         if bad:
             what = f"the training loss is {bad[0]}"
         else:
-            names = [n for n, p in pl_module.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            names = [n for n, p in pl_module.named_parameters()
+                     if p.grad is not None and not local(p.grad).isfinite().all()]
             what = f"the gradients of {len(names)} parameters hold NaN/Inf (e.g. {names[:3]})" if names else \
                 "the gradients hold NaN/Inf on another process"
         lr = getattr(pl_module, "hparams", {}).get("lr")
@@ -215,8 +223,9 @@ SAFE_ON_RESUME = (
 )
 """Options a resume may change with --resume_override true (optimizer settings, evaluation, loader workers, where a
 cache is read from: its recipe is checked). Every other saved option (source, quant, diffusion, loss, label
-dropout, LoRA, optimizer, the data and its batch size) is fixed by the checkpoint. Trainer options (max_steps,
-max_epochs, devices, logging, checkpointing) are not saved in a checkpoint and may always change."""
+dropout, LoRA, optimizer, the data and its global batch: batch_size x processes) is fixed by the checkpoint.
+Trainer options (max_steps, max_epochs, devices, logging, checkpointing) are not saved in a checkpoint and may
+always change; a resume on another number of processes sets the batch size that keeps the global batch."""
 
 OPTIMIZER_KEYS = ("model.lr", "model.w_scale_lr", "model.a_scale_lr", "model.weight_decay", "model.betas")
 """Changes that the optimizer state restored from a checkpoint would undo; ResumeOverride applies them again."""
@@ -302,6 +311,54 @@ def saved_config(ckpt_path: str) -> str | None:
 
 class ResumeError(ValueError):
     """A resume whose options differ from the checkpoint's."""
+
+
+BATCH_KEY = "data.init_args.batch_size"
+
+
+class GlobalBatch(NamedTuple):
+    """A checkpoint's global batch (batch size × its processes) and the batch size a resume sets per process."""
+
+    ckpt_path: str
+    saved_batch: int
+    saved_world: int
+    batch: int
+
+    def check(self, world: int) -> None:
+        """Refuse the resume unless `batch` on `world` processes is the checkpoint's global batch.
+
+        Raises:
+            ResumeError: naming both global batches and the batch size that keeps the checkpoint's.
+        """
+        want = self.saved_batch * self.saved_world
+        if self.batch * world == want:
+            return
+        fix = (f"set --data.init_args.batch_size {want // world}" if want % world == 0 else
+               f"run on a number of processes that divides {want}")
+        raise ResumeError(
+            f"--ckpt_path {self.ckpt_path} was trained at a global batch of {want} ({self.saved_world} process(es) "
+            f"x batch_size {self.saved_batch}); this run has {world} x {self.batch} = {world * self.batch}. A "
+            f"resume continues the same batches of the same data: {fix}."
+        )
+
+
+def split_batch_change(ckpt: Mapping, changes: list[Change], ckpt_path: str
+                       ) -> tuple[list[Change], GlobalBatch | None]:
+    """The checkpoint's global batch, to check once the trainer knows its processes (`GlobalBatch.check`), and a
+    changed data batch size taken out of `changes`: a checkpoint that records its number of processes resumes on
+    any number at the same global batch. Returns (the other changes, the check; None for a checkpoint without a
+    recorded number of processes or a batch size, whose batch size stays fixed)."""
+    from hqdm.trainers.module import WORLD_SIZE
+
+    saved_world = ckpt.get(WORLD_SIZE)
+    saved_batch = (ckpt.get("datamodule_hyper_parameters") or {}).get("batch_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (saved_world, saved_batch)):
+        return changes, None
+    change = next((c for c in changes if c.key == BATCH_KEY), None)
+    batch = change.current if change is not None else saved_batch
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return changes, None
+    return [c for c in changes if c is not change], GlobalBatch(ckpt_path, saved_batch, saved_world, batch)
 
 
 def check_resume(ckpt_path: str, changes: list[Change], override: bool, saved_config: str | None) -> None:

@@ -80,6 +80,22 @@ class HqdmCLI(LightningCLI):
             **kwargs,
         )
 
+    _global_batch: guards.GlobalBatch | None = None
+
+    def before_fit(self) -> None:
+        self._check_processes()
+
+    def before_validate(self) -> None:
+        self._check_processes()
+
+    def before_test(self) -> None:
+        self._check_processes()
+
+    def _check_processes(self) -> None:
+        """A resume on another number of processes must keep the checkpoint's global batch (see split_batch_change)."""
+        if self._global_batch is not None:
+            self._global_batch.check(self.trainer.num_nodes * self.trainer.num_devices)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--resume_override", type=bool, default=False, help=RESUME_HELP)
 
@@ -99,6 +115,7 @@ class HqdmCLI(LightningCLI):
         saved = (yaml.safe_load(open(config_file)) or {}) if config_file else {}
         seeds = (saved["seed_everything"], cfg.get("seed_everything")) if "seed_everything" in saved else None
         changes = guards.resume_changes(ckpt, cfg.get("model"), cfg.get("data"), seeds)
+        changes, self._global_batch = guards.split_batch_change(ckpt, changes, str(path))
         guards.check_resume(str(path), changes, bool(cfg.get("resume_override")), config_file)
         if changes:
             rank_zero_info("hqdm: resuming with changed options (--resume_override):\n"

@@ -44,6 +44,7 @@ from hqdm.trainers.losses import (
 )
 from hqdm.trainers.optim import OptimizerName, Schedule, build_optimizer, lr_schedule, param_groups
 from hqdm.trainers.options import Diffusion, Evaluation, Loss
+from hqdm.trainers.parallel import FSDP, is_sharded, refuse_fsdp1, shard
 from hqdm.trainers.source import ModelSource
 from hqdm.trainers.trajectories import TeacherSampler
 from hqdm.trainers.validation import Evaluator
@@ -54,6 +55,8 @@ torch.serialization.add_safe_globals([ModelSource, QuantConfig, Rule, Diffusion,
 Mode = Literal["distill", "fp"]
 TEACHER = "teacher."
 """State-dict prefix of the teacher's tensors: never written to checkpoints."""
+WORLD_SIZE = "hqdm_world_size"
+"""Checkpoint key: the number of data-parallel processes that trained it (its global batch: batch_size · it)."""
 
 
 def _check_backend(backend: str) -> None:
@@ -133,6 +136,8 @@ class DistillModule(LightningModule):
             graph (fullgraph, no breaks; other timesteps of the same shapes reuse it). None (default): on for CUDA,
             off on the CPU, where compiling costs more than it saves on small models. Modules are not wrapped, so
             checkpoints keep their keys and resume exactly either way. Validation, sampling and calibration run eager.
+            Under hqdm.trainers.FSDP the step runs eager (FSDP2's per-layer gathers are hooks torch.compile does not
+            trace into one graph): None means off there, and True is refused.
         compile_backend: the torch.compile backend ('inductor'; 'aot_eager' traces the same graphs, forward and
             backward, without generating code: for debugging).
     """
@@ -193,8 +198,11 @@ class DistillModule(LightningModule):
 
     @property
     def compiles(self) -> bool:
-        """Whether training steps run the compiled loss: `compile`, or (None) whether the module is on CUDA."""
-        return self.device.type == "cuda" if self.hparams.compile is None else bool(self.hparams.compile)
+        """Whether training steps run the compiled loss: `compile`, or (None) whether the module is on CUDA and
+        not sharded (hqdm.trainers.FSDP)."""
+        if self.hparams.compile is None:
+            return self.device.type == "cuda" and not is_sharded(self.student)
+        return bool(self.hparams.compile)
 
     @property
     def mode(self) -> Mode:
@@ -253,17 +261,39 @@ class DistillModule(LightningModule):
 
     # ---- checkpoints: the teacher is rebuilt from `source`, never saved -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[WORLD_SIZE] = self.trainer.world_size  # a resume on W' processes keeps batch_size · W
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER)]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.teacher is not None:
+        if self.teacher is not None and "state_dict" in checkpoint:  # hqdm.trainers.FSDP loaded it already
             checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
     def setup(self, stage: str) -> None:
         """Data-parallel runs draw every step's noise for the global batch and keep this rank's rows."""
+        refuse_fsdp1(self.trainer.strategy)
         self.inputs.shard = (self.global_rank, self.trainer.world_size)
+
+    def configure_model(self) -> None:
+        """Under hqdm.trainers.FSDP: calibrate the whole student (unless resuming: the checkpoint holds its state),
+        then shard it per block (and the teacher with `shard_teacher`). Other strategies keep the modules whole."""
+        strategy = self._trainer.strategy if self._trainer is not None else None  # None: load_from_checkpoint
+        if not isinstance(strategy, FSDP) or is_sharded(self.student):
+            return
+        if self.hparams.compile:
+            raise ValueError(
+                "compile=True compiles the training step as one graph, and under hqdm.trainers.FSDP every layer's "
+                "parameter gather is a hook torch.compile does not trace: set --model.compile false (or leave it "
+                "unset) for FSDP, or train with --trainer.strategy ddp to compile the step."
+            )
+        self.to(strategy.root_device)
+        if self.trainer.ckpt_path is None:
+            self._calibrate_if_needed()  # writes weights (HadaNorm folds) and tables: before they are sharded
+        mesh = self.device_mesh["data_parallel"]
+        shard(self.student, mesh, strategy.reshard_after_forward)
+        if self.teacher is not None and strategy.shard_teacher:
+            shard(self.teacher, mesh, strategy.reshard_after_forward)
 
     # ---- calibration (PTQ start) --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -422,7 +452,11 @@ class DistillModule(LightningModule):
     def _sample_grid(self, stage: str) -> dict[str, float]:
         """Teacher | student grid under <log_dir>/samples (rank 0 alone draws it); PSNR / SSIM vs the teacher."""
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, before rank 0 draws alone
-        if not self.trainer.is_global_zero or not self.evaluator.draws_grids(self.student):
+        if not self.evaluator.draws_grids(self.student):
+            return {}
+        if not self.trainer.is_global_zero:
+            if is_sharded(self.student):  # every rank takes part in the sharded student's forwards
+                self.evaluator.sample_grid(self.student, self.teacher, None, stage)
             return {}
         path = Path(log_dir or self.trainer.default_root_dir, "samples", f"{stage}_step{self.global_step:06d}.png")
         metrics = self.evaluator.sample_grid(self.student, self.teacher, path, stage)
@@ -432,6 +466,9 @@ class DistillModule(LightningModule):
     # ---- optimization -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         h = self.hparams
+        if h.optimizer == "adamw8bit" and is_sharded(self.student):
+            raise ValueError("optimizer='adamw8bit' (bitsandbytes) does not take sharded parameters; under "
+                             "hqdm.trainers.FSDP use optimizer: adamw (its state is sharded with the weights).")
         groups = param_groups(self.student, h.lr, h.w_scale_lr, h.a_scale_lr, h.weight_decay)
         optimizer = build_optimizer(h.optimizer, groups, tuple(h.betas))
         total = self.trainer.estimated_stepping_batches if h.lr_schedule == "cosine" else 0

@@ -28,6 +28,7 @@ from hqdm.trainers.evaluation import (
 )
 from hqdm.trainers.inputs import DiffusionInputs
 from hqdm.trainers.options import Diffusion, Evaluation
+from hqdm.trainers.parallel import is_sharded
 
 Reference = Literal["teacher", "target"]
 """What the student is measured against: the teacher's prediction (distillation) or the batch's target (FP)."""
@@ -89,15 +90,21 @@ class Evaluator(nn.Module):
         return self.options.num_samples > 0 and not (latent and self.options.vae is None)
 
     @torch.no_grad()
-    def sample_grid(self, student: nn.Module, teacher: nn.Module | None, path: Path,
+    def sample_grid(self, student: nn.Module, teacher: nn.Module | None, path: Path | None,
                     stage: str) -> dict[str, float]:
-        """Save a teacher | student grid (fixed seeds) as `path`; returns PSNR / SSIM against the teacher's."""
+        """Save a teacher | student grid (fixed seeds) as `path`; returns PSNR / SSIM against the teacher's.
+        `path` None draws the student's samples alone and returns {} (the other ranks of a sharded student)."""
         ev, d = self.options, self.diffusion
         device = next(student.parameters()).device
         labels = grid_labels(ev.num_samples, self.num_classes, device)
         args = (d.sampling_scheduler(), labels, self.adapter.input_shape(student), d.num_steps, d.guidance_scale,
                 self.null_class, ev.seed)
-        panels, captions, metrics = [self._to_pixels(draw(student, self.adapter, *args))], [self.caption], {}
+        samples = draw(student, self.adapter, *args)
+        if path is None:
+            if teacher is not None and is_sharded(teacher):
+                self._teacher_samples(teacher, args)  # rank 0 draws the teacher's grid on this call too
+            return {}
+        panels, captions, metrics = [self._to_pixels(samples)], [self.caption], {}
         if teacher is not None:
             panels.insert(0, self._to_pixels(self._teacher_samples(teacher, args)))
             captions.insert(0, "teacher (FP)")
