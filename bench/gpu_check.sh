@@ -6,20 +6,8 @@
 # Usage (repo root, .whl carried):  bash bench/gpu_check.sh OUT_DIR
 set -uo pipefail
 out=${1:-/tmp/hqdm-gpu}
-mkdir -p "$out" /tmp/site
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-# Install only what the machine lacks, so nothing of its own (numpy, torch, ...) is shadowed.
-for pair in diffusers:diffusers jsonargparse:jsonargparse docstring_parser:docstring_parser \
-            typeshed_client:typeshed_client importlib_metadata:importlib_metadata datasets:datasets dill:dill \
-            multiprocess:multiprocess; do
-  mod=${pair%%:*}; whl=${pair##*:}
-  python3 -c "import $mod" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-      --upgrade --target /tmp/site .whl/${whl}-*.whl
-done
-# hqdm as the wheel lays it out (trainers/ and data/ become hqdm.trainers and hqdm.data), in this copy of the tree.
-ln -sfn ../trainers hqdm/trainers && ln -sfn ../data hqdm/data
-export PYTHONPATH=$PWD:/tmp/site
-hqdm() { python3 -c "import sys; from hqdm.trainers.cli import main; sys.argv[0] = 'hqdm'; main()" "$@"; }
+mkdir -p "$out"
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning, diffusers; print('torch', torch.__version__, 'lightning', lightning.__version__, \
 'diffusers', diffusers.__version__)"
