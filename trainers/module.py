@@ -277,7 +277,7 @@ class DistillModule(LightningModule):
 
     def configure_model(self) -> None:
         """Under hqdm.trainers.FSDP: calibrate the whole student (unless resuming: the checkpoint holds its state),
-        then shard it per block (and the teacher with `shard_teacher`). Other strategies keep the modules whole."""
+        then shard it per layer (and the teacher with `shard_teacher`). Other strategies keep the modules whole."""
         strategy = self._trainer.strategy if self._trainer is not None else None  # None: load_from_checkpoint
         if not isinstance(strategy, FSDP) or is_sharded(self.student):
             return
